@@ -1,0 +1,3 @@
+from pneumo_cli.cli import app
+
+app(prog_name="pneumo")

@@ -1,0 +1,85 @@
+"""The ``pneumo`` command-line app.
+
+Each command parses its options, calls one library function and renders the result. Errors cross
+this boundary in one place (:func:`error_boundary`): a :class:`~pneumo_cli.errors.PneumoError`
+becomes one red line on stderr and exit code 1; usage errors exit 2 (Typer); anything else is a
+bug and keeps its traceback. This module imports no TensorFlow, so ``pneumo --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from pneumo_cli import __version__
+from pneumo_cli.console import print_error
+from pneumo_cli.errors import PneumoError
+
+EXIT_CODES_HELP = "Exit codes: 0 success, 1 bad input or data, 2 usage error."
+
+app = typer.Typer(
+    name="pneumo",
+    help=(
+        "Pneumothorax segmentation on chest X-rays: SIIM RLE masks, DICOM preprocessing, "
+        "ResNet-U-Net training, prediction, evaluation and overlays.\n\n" + EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+def error_boundary(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`PneumoError` into one red stderr line and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PneumoError as exc:
+            print_error(str(exc))
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            print_error("interrupted; completed outputs are kept, run the command again to resume")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"pneumo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Pneumothorax segmentation toolkit."""
+
+
+def register(name: str, command: Callable[..., Any]) -> None:
+    """Add ``command`` to the app under ``name``, wrapped in the error boundary."""
+    app.command(name, help=command.__doc__, epilog=EXIT_CODES_HELP)(error_boundary(command))
+
+
+def _register_all() -> None:
+    # Command modules import only typer and light stage modules at import time; heavy
+    # dependencies (TensorFlow, pydicom) are imported inside the command functions.
+    from pneumo_cli.commands import rle as rle_commands
+
+    register("rle-decode", rle_commands.rle_decode)
+    register("rle-encode", rle_commands.rle_encode)
+
+
+_register_all()

@@ -1,0 +1,1 @@
+"""One module per command family; each function parses options and calls one library function."""

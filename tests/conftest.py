@@ -1,0 +1,46 @@
+"""Shared test fixtures.
+
+Real SIIM files live in ``../shared/siim/`` beside the repository. A user's clone has no such
+folder: tests that need it skip with a visible reason. In CI (``CI=true``) a missing folder is a
+failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SIIM = REPO.parent / "shared" / "siim"
+
+# Real training DICOMs: SOPInstanceUID -> union mask area in pixels at 1024 x 1024.
+REAL_TRAIN_AREAS = {
+    "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819": 0,
+    "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319": 10133,
+    "1.2.276.0.7230010.3.1.4.8323329.307.1517875162.311533": 69274,
+}
+
+
+@pytest.fixture(scope="session")
+def siim() -> Path:
+    """Path to ``../shared/siim``; skips (or fails under CI=true) when it is absent."""
+    if not (SIIM / "README.md").is_file():
+        message = f"real SIIM fixtures not found at {SIIM} (they live beside the repository)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI must have them")
+        pytest.skip(message)
+    return SIIM
+
+
+@pytest.fixture(scope="session")
+def real_rle_csv(siim: Path) -> Path:
+    return siim / "csv" / "train-rle.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def real_train_dicoms(siim: Path) -> dict[str, Path]:
+    """SOPInstanceUID -> path of the three real training DICOMs."""
+    files = sorted((siim / "dicom-images-train").rglob("*.dcm"))
+    return {path.stem: path for path in files}
