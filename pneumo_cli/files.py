@@ -187,7 +187,9 @@ def ensure_output_dir(folder: str | os.PathLike[str], *inputs: str | os.PathLike
     return folder
 
 
-def iter_files(root: str | os.PathLike[str], suffixes: tuple[str, ...] | None = None) -> Iterator[Path]:
+def iter_files(
+    root: str | os.PathLike[str], suffixes: tuple[str, ...] | None = None
+) -> Iterator[Path]:
     """Yield regular files under ``root`` recursively in sorted order, following no symlinked
     folders (so symlink loops cannot make the walk endless). ``suffixes`` filters by lower-case
     extension ('' matches files without one)."""

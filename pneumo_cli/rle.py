@@ -54,7 +54,10 @@ def parse_runs(encoded: str, height: int, width: int) -> tuple[np.ndarray, np.nd
     try:
         tokens = np.array(parts, dtype=np.int64)
     except (ValueError, OverflowError):
-        bad = next(p for p in parts if not _is_int(p))
+        bad = next((p for p in parts if not _is_int(p)), None)
+        if bad is None:
+            bad = next(p for p in parts if abs(int(p)) >= 2**63)
+            raise RleError(f"token '{bad[:40]}' is too large for a pixel offset") from None
         raise RleError(f"token '{bad[:40]}' is not an integer") from None
     if tokens.size % 2:
         raise RleError(f"odd number of tokens ({tokens.size}); tokens must be start/length pairs")
@@ -161,7 +164,9 @@ def read_rle_csv(path: str | Path) -> list[RleRow]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise RleError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+        raise RleError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
+        ) from None
     if "\x00" in text:
         raise RleError(f"{path}: contains NUL bytes; is it really a CSV file?")
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
