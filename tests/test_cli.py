@@ -40,7 +40,8 @@ def test_help_does_not_import_tensorflow_or_pydicom():
         "from pneumo_cli.cli import app\n"
         "for args in (['--help'], ['rle-decode', '--help']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0\n"
-        "heavy = [m for m in ('tensorflow', 'pydicom', 'segmentation_models') if m in sys.modules]\n"
+        "names = ('tensorflow', 'pydicom', 'segmentation_models')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
