@@ -77,12 +77,18 @@ def register(name: str, command: Callable[..., Any]) -> None:
 
 
 def _register_all() -> None:
-    # Command modules import only typer and light stage modules at import time; heavy
-    # dependencies (TensorFlow, pydicom) are imported inside the command functions.
+    # Command modules import only typer at import time; heavy dependencies (TensorFlow, pydicom,
+    # OpenCV, pandas) are imported inside the command functions, so --help stays instant.
     from pneumo_cli.commands import rle as rle_commands
+    from pneumo_cli.commands.evaluate import evaluate
+    from pneumo_cli.commands.overlay import overlay
+    from pneumo_cli.commands.preprocess import preprocess
 
     register("rle-decode", rle_commands.rle_decode)
     register("rle-encode", rle_commands.rle_encode)
+    register("preprocess", preprocess)
+    register("evaluate", evaluate)
+    register("overlay", overlay)
 
 
 _register_all()

@@ -169,8 +169,13 @@ def read_rle_csv(path: str | Path) -> list[RleRow]:
         ) from None
     if "\x00" in text:
         raise RleError(f"{path}: contains NUL bytes; is it really a CSV file?")
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
-    records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    # A fragmented 1024 x 1024 mask encodes to megabytes; lift the csv module's 128 KiB limit.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    try:
+        records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise RleError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
     if not records:
         raise RleError(f"{path}: the CSV is empty; expected rows of ImageId,EncodedPixels")
     first_line, header = records[0]

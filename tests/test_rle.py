@@ -150,6 +150,15 @@ def test_read_rle_csv_variants(tmp_path, content):
     assert [(r.image_id, r.encoded) for r in rows] == [("a", "1 2"), ("b", "-1")]
 
 
+def test_read_rle_csv_very_long_field(tmp_path):
+    # Every other pixel of a 1024 x 1024 mask: ~1 M tokens, far above csv's default field limit.
+    encoded = " ".join(["0 1"] + ["1 1"] * 524_287)
+    rows = rle.read_rle_csv(
+        _write(tmp_path, "x.csv", f"ImageId,EncodedPixels\na,{encoded}\n".encode())
+    )
+    assert rle.decode_rle(rows[0].encoded).sum() == 524_288
+
+
 def test_read_rle_csv_gzip_and_line_numbers(tmp_path):
     path = _write(tmp_path, "x.csv.gz", gzip.compress(b"ImageId,EncodedPixels\na,1 2\n\nb,-1\n"))
     rows = rle.read_rle_csv(path)
@@ -165,6 +174,7 @@ def test_read_rle_csv_gzip_and_line_numbers(tmp_path):
         (b"just one column\n", "no recognisable columns"),
         (b"ImageId,EncodedPixels\na\n", "line 2 \\(ImageId 'a'\\): 1 field"),
         (b"\xff\xfe\x00a", "not UTF-8"),
+        (b'ImageId,EncodedPixels\na,"1 2\n', "line 2: not valid CSV"),
     ],
 )
 def test_read_rle_csv_rejects(tmp_path, content, message):

@@ -1,0 +1,201 @@
+"""DICOM/PNG/JPEG reading: real SIIM files and synthetic DICOMs written with write_dicom."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pneumo_cli.dicom_io import (
+    JPEG_BASELINE,
+    _parse_age,
+    collect_xray_files,
+    image_id_of,
+    is_xray_file,
+    patient_key_of,
+    read_header,
+    read_xray,
+    write_dicom,
+)
+from pneumo_cli.errors import DicomError, InputError
+from pneumo_cli.files import write_png
+
+UID_6904 = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+UID_301 = "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319"
+
+
+def _ramp(height: int = 64, width: int = 80) -> np.ndarray:
+    rows, cols = np.mgrid[0:height, 0:width]
+    return ((rows * 3 + cols * 2) % 256).astype(np.uint8)
+
+
+def test_real_training_dicom_image_and_meta(real_train_dicoms: dict[str, Path]) -> None:
+    xray = read_xray(real_train_dicoms[UID_301])
+    assert xray.image_id == UID_301
+    assert xray.image.shape == (1024, 1024) and xray.image.dtype == np.uint8
+    assert (int(xray.image.min()), int(xray.image.max())) == (0, 255)
+    assert xray.meta == {
+        "pixel_spacing_mm": 0.143,
+        "view_position": "PA",
+        "sex": "F",
+        "age": 50,
+        "photometric": "MONOCHROME2",
+        "bits_stored": 8,
+        "rows": 1024,
+        "cols": 1024,
+        "patient_key": patient_key_of("97d32841-8836-4630-873c-be0b4d2e5478"),
+    }
+
+
+def test_meta_never_holds_the_patient_id(real_train_dicoms: dict[str, Path]) -> None:
+    path = real_train_dicoms[UID_301]
+    patient_id = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+    meta = read_xray(path).meta
+    assert patient_id not in repr(meta)
+    assert len(meta["patient_key"]) == 16 and int(meta["patient_key"], 16) >= 0
+
+
+def test_monochrome1_copy_is_the_exact_inverse(real_train_dicoms: dict[str, Path], siim: Path):
+    original = read_xray(real_train_dicoms[UID_6904])
+    inverted = read_xray(siim / "dicom-odd" / "monochrome1_same_uid_as_6904.dcm")
+    assert inverted.meta["photometric"] == "MONOCHROME1"
+    np.testing.assert_array_equal(inverted.image, 255 - original.image)
+
+
+def test_stage2_headers_read_without_warnings_or_patient_key(siim: Path) -> None:
+    files = sorted((siim / "dicom-odd").glob("stage2_ID_*.dcm"))
+    assert len(files) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xrays = [read_xray(path) for path in files]
+        headers = [read_header(path) for path in files]
+    assert [x.meta["patient_key"] for x in xrays] == [""] * 5
+    assert [h.instance_uid for h in headers] == [f.stem.removeprefix("stage2_") for f in files]
+    assert xrays[0].image_id == "stage2_ID_0011fe81e"
+    assert xrays[0].meta["view_position"] == "PA" and xrays[0].meta["age"] == 64
+
+
+def test_jpeg_round_trip_is_siim_shaped(tmp_path: Path) -> None:
+    pixels = _ramp()
+    path = tmp_path / "a.dcm"
+    write_dicom(
+        path,
+        pixels,
+        patient_id="P-7",
+        sop_uid="1.2.3.4",
+        extra={"PatientSex": "F", "PatientAge": "050Y", "PixelSpacing": [0.14, 0.14]},
+    )
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == JPEG_BASELINE
+    assert ds.SOPInstanceUID == "1.2.3.4" and ds.BitsStored == 8
+    xray = read_xray(path)
+    assert xray.image_id == "a"
+    assert np.abs(xray.image.astype(int) - pixels).max() <= 8  # lossy JPEG, quality 95
+    assert xray.meta["age"] == 50 and xray.meta["pixel_spacing_mm"] == 0.14
+    assert xray.meta["patient_key"] == patient_key_of("P-7")
+
+
+def test_16_bit_with_rescale_and_window(tmp_path: Path) -> None:
+    stored = np.array([[0, 1024, 1524], [2024, 3000, 4095]], dtype=np.uint16)
+    path = tmp_path / "ct_like.dcm"
+    extra = {
+        "BitsStored": 12,
+        "HighBit": 11,
+        "RescaleSlope": 1,
+        "RescaleIntercept": -1024,
+        "WindowCenter": 500,
+        "WindowWidth": 1001,
+    }
+    write_dicom(path, stored, jpeg=False, extra=extra)
+    image = read_xray(path).image
+    # v = stored - 1024; ((v - 499.5) / 1000 + 0.5) * 255, clipped: v=500 -> 127.63 -> 128.
+    expected = [[0, 0, 128], [255, 255, 255]]
+    np.testing.assert_array_equal(image, np.array(expected, dtype=np.uint8))
+
+
+def test_16_bit_without_window_uses_full_range_and_monochrome1_inverts(tmp_path: Path) -> None:
+    stored = np.array([[100, 200], [310, 500]], dtype=np.uint16)
+    path = tmp_path / "m1.dcm"
+    write_dicom(
+        path,
+        stored,
+        jpeg=False,
+        photometric="MONOCHROME1",
+        extra={"RescaleSlope": 2, "RescaleIntercept": 10},
+    )
+    # (v - 210) / 800 * 255 on values 210, 410, 630, 1010 (0, 63.75, 133.9, 255), inverted.
+    expected = 255 - np.array([[0, 64], [134, 255]])
+    np.testing.assert_array_equal(read_xray(path).image, expected.astype(np.uint8))
+
+
+def test_rgb_is_converted_to_grey(tmp_path: Path) -> None:
+    grey = _ramp()
+    path = tmp_path / "rgb.dcm"
+    write_dicom(path, np.stack([grey] * 3, axis=-1), jpeg=False, photometric="RGB")
+    np.testing.assert_array_equal(read_xray(path).image, grey)
+
+
+def test_multi_frame_is_refused_with_the_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "cine.dcm"
+    write_dicom(path, np.stack([_ramp()] * 3), jpeg=False)
+    with pytest.raises(DicomError, match=r"cine\.dcm: multi-frame DICOM \(3 frames\)"):
+        read_xray(path)
+
+
+@pytest.mark.parametrize("jpeg", [True, False])
+def test_truncated_file_is_refused(tmp_path: Path, jpeg: bool) -> None:
+    whole = tmp_path / "whole.dcm"
+    write_dicom(whole, _ramp(256, 256), jpeg=jpeg)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(DicomError, match=r"cut\.dcm: "):
+        read_xray(cut)
+
+
+def test_non_dicom_bytes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "junk.dcm"
+    path.write_bytes(b"this is not a dicom file at all")
+    with pytest.raises(DicomError, match=r"junk\.dcm: not a DICOM file"):
+        read_xray(path)
+    with pytest.raises(InputError, match="no such file"):
+        read_xray(tmp_path / "missing.dcm")
+
+
+def test_png_and_extensionless_dicom(tmp_path: Path) -> None:
+    pixels = _ramp()
+    write_png(tmp_path / "x1.png", pixels)
+    xray = read_xray(tmp_path / "x1.png")
+    np.testing.assert_array_equal(xray.image, pixels)
+    assert xray.image_id == "x1" and xray.meta["patient_key"] == ""
+    bare = tmp_path / "1.2.840.99.5"
+    write_dicom(bare, pixels, jpeg=False)
+    assert is_xray_file(bare) and image_id_of(bare) == "1.2.840.99.5"
+    np.testing.assert_array_equal(read_xray(bare).image, pixels)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert not is_xray_file(tmp_path / "notes.txt")
+    assert read_header(tmp_path / "x1.png").rows == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "years"), [("050Y", 50), ("50", 50), ("018M", 1), ("", None), ("abcY", None)]
+)
+def test_age_strings(text: str, years: int | None) -> None:
+    assert _parse_age(text) == years
+
+
+def test_collect_xray_files_walks_folders_and_keeps_given_files(tmp_path: Path) -> None:
+    (tmp_path / "in" / "deep").mkdir(parents=True)
+    write_png(tmp_path / "in" / "deep" / "b.png", _ramp())
+    write_png(tmp_path / "in" / "a.png", _ramp())
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    write_png(tmp_path / "single.png", _ramp())
+    found = collect_xray_files([tmp_path / "in", tmp_path / "single.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "in/a.png", "in/deep/b.png", "single.png",
+    ]  # fmt: skip
+    with pytest.raises(InputError, match="nothing.dcm: no such file or folder"):
+        collect_xray_files([tmp_path / "nothing.dcm"])

@@ -1,0 +1,414 @@
+"""Image steps (crop, masks, restore) and `run_preprocess` end to end on real and fake data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pneumo_cli.config import PreprocessConfig
+from pneumo_cli.dicom_io import read_xray, write_dicom
+from pneumo_cli.errors import ConfigError, InputError, OutputError, RleError
+from pneumo_cli.files import read_grey_png, read_mask_png, write_mask_png
+from pneumo_cli.imaging import detect_crop, prepare_image, prepare_mask, restore_to_original
+from pneumo_cli.preprocess import (
+    MANIFEST_COLUMNS,
+    load_cache_settings,
+    load_manifest,
+    run_preprocess,
+)
+from pneumo_cli.rle import decode_union, encode_rle, read_rle_csv
+from tests.conftest import REAL_TRAIN_AREAS
+
+REPO = Path(__file__).resolve().parents[1]
+UID_6904 = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Mirror ``source`` under ``target`` with symlinked files (the fixtures are never copied)."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            link = target / path.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+
+
+@pytest.fixture(scope="module")
+def siim_raw(siim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    raw = tmp_path_factory.mktemp("siim_raw")
+    _link_tree(siim / "dicom-images-train", raw / "dicom-images-train")
+    _link_tree(siim / "dicom-odd", raw / "dicom-odd")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def siim_cache(siim_raw: Path, real_rle_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("siim") / "cache"
+    summary = run_preprocess(siim_raw, cache, PreprocessConfig(), rle_csv=real_rle_csv, workers=2)
+    return cache, summary
+
+
+def _fake_xray(rng: np.random.Generator, size: int = 256, border: int = 0) -> np.ndarray:
+    """A smooth, non-constant uint8 picture with an optional black border."""
+    noise = rng.random((size // 8, size // 8)).astype(np.float32)
+    image = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = np.clip(40 + image * 180, 0, 255).astype(np.uint8)
+    if border:
+        image[:border], image[:, :border] = 0, 0
+    return image
+
+
+# --- image steps ---------------------------------------------------------------------------------
+
+
+def test_detect_crop_finds_the_dark_border_only() -> None:
+    image = np.full((40, 30), 120, dtype=np.uint8)
+    image[:2] = 0
+    image[:, -3:] = 5
+    image[20] = 0  # a dark row inside the picture is kept
+    assert detect_crop(image, threshold=10) == (2, 40, 0, 27)
+    assert detect_crop(np.zeros((40, 30), np.uint8)) == (0, 40, 0, 30)
+
+
+def test_detect_crop_on_real_stage2_borders(siim: Path) -> None:
+    left_border = read_xray(siim / "dicom-odd" / "stage2_ID_0011fe81e.dcm").image
+    assert detect_crop(left_border) == (0, 1024, 24, 1024)
+    right_border = read_xray(siim / "dicom-odd" / "stage2_ID_004d6fbb6.dcm").image
+    assert detect_crop(right_border) == (0, 1023, 1, 1003)
+
+
+def test_prepare_mask_keeps_areas_and_thin_lines() -> None:
+    settings = PreprocessConfig(image_size=256)
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[100:612, 200:712] = 1  # 512 x 512, aligned to the 4 x 4 bins
+    mask[800:1000, 900] = 1  # one pixel wide: half coverage would erase it
+    small = prepare_mask(mask, (0, 1024, 0, 1024), settings)
+    assert small.dtype == np.uint8 and set(np.unique(small)) == {0, 1}
+    assert small[25:153, 50:178].all() and small[:, :200].sum() == 128 * 128
+    assert small[200:250, 225].all() and small[:, 225].sum() == 50
+
+
+def test_restore_to_original_undoes_crop_and_resize() -> None:
+    crop = (10, 110, 20, 220)  # 100 x 200 box in a 128 x 256 image
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+    restored = restore_to_original(mask, crop, (128, 256), is_mask=True)
+    assert restored.shape == (128, 256) and restored.dtype == np.uint8
+    assert restored[35:85, 70:170].all() and restored.sum() == 50 * 100
+    probability = restore_to_original(np.full((64, 64), 0.75), crop, (128, 256), is_mask=False)
+    assert probability.dtype == np.float32
+    assert probability[10:110, 20:220].min() == pytest.approx(0.75)
+    assert probability.sum() == pytest.approx(0.75 * 100 * 200)
+
+
+def test_prepare_image_records_crop_and_shape() -> None:
+    image = _fake_xray(np.random.default_rng(0), 300, border=12)
+    prepared = prepare_image(image, PreprocessConfig(image_size=64))
+    assert prepared.image.shape == (64, 64) and prepared.image.dtype == np.uint8
+    assert prepared.crop == (12, 300, 12, 300) and prepared.original_shape == (300, 300)
+
+
+# --- real SIIM files end to end ------------------------------------------------------------------
+
+
+def test_real_files_exact_counts(siim_cache) -> None:
+    cache, summary = siim_cache
+    assert (summary.images, summary.rejected) == (8, 1)
+    assert (summary.positive, summary.negative, summary.unlabelled) == (2, 1, 5)
+    assert len(summary.labels_without_image) == 12047 - 3
+    assert summary.rejected_examples[0][0] == "dicom-odd/monochrome1_same_uid_as_6904.dcm"
+    assert UID_6904 in summary.rejected_examples[0][1]
+    assert "dicom-images-train/" in summary.rejected_examples[0][1]  # names the first file
+    rejected = (cache / "rejected.csv").read_text().splitlines()
+    assert rejected[0] == "path,reason" and len(rejected) == 2
+
+
+def test_real_files_manifest(siim_cache) -> None:
+    cache, _ = siim_cache
+    manifest = load_manifest(cache)
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    rows = manifest.set_index("ImageId")
+    for image_id, area in REAL_TRAIN_AREAS.items():
+        assert rows.loc[image_id, "mask_area_px"] == area
+        assert rows.loc[image_id, "has_pneumothorax"] == int(area > 0)
+    stage2 = rows.loc["stage2_ID_0011fe81e"]
+    assert stage2["mask"] == "" and stage2["patient_key"] == "" and stage2["sex"] == "F"
+    assert (stage2["crop_left"], stage2["crop_right"], stage2["orig_width"]) == (24, 1024, 1024)
+    assert set(manifest["split"]) <= {"train", "val", "test"}
+    assert set(manifest["fold"]) == {-1}
+    text = (cache / "manifest.csv").read_text()
+    assert "97d32841-8836-4630-873c-be0b4d2e5478" not in text  # the raw PatientID
+    assert load_cache_settings(cache) == PreprocessConfig()
+
+
+def test_real_positive_masks_keep_area_and_place(siim_cache, real_rle_csv: Path) -> None:
+    cache, _ = siim_cache
+    rows = read_rle_csv(real_rle_csv)
+    for image_id, area in REAL_TRAIN_AREAS.items():
+        small = read_mask_png(cache / "masks" / f"{image_id}.png")
+        assert small.shape == (256, 256)
+        expected = area / 16
+        assert abs(int(small.sum()) - expected) <= max(2, 0.05 * expected)
+        if area:
+            original = decode_union([r.encoded for r in rows if r.image_id == image_id])
+            # Every stored pixel covers at least one original mask pixel (4 x 4 bins).
+            touched = original.reshape(256, 4, 256, 4).max(axis=(1, 3))
+            assert not (small & (1 - touched)).any()
+
+
+def test_monochrome1_copy_comes_out_inverted_before_clahe(
+    siim: Path, real_train_dicoms: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = PreprocessConfig(image_size=256, clahe=False, crop_border=False)
+    images = []
+    for name, source in [
+        ("orig", real_train_dicoms[UID_6904]),
+        ("mono1", siim / "dicom-odd" / "monochrome1_same_uid_as_6904.dcm"),
+    ]:
+        raw = tmp_path / f"raw_{name}"
+        raw.mkdir()
+        (raw / source.name).symlink_to(source)
+        run_preprocess(raw, tmp_path / f"cache_{name}", settings, workers=1)
+        images.append(read_grey_png(tmp_path / f"cache_{name}" / "images" / f"{source.stem}.png"))
+    difference = np.abs(images[1].astype(int) - (255 - images[0].astype(int)))
+    assert difference.max() <= 1  # area averaging rounds each copy separately
+
+
+def test_rerun_reuses_everything_and_other_settings_are_refused(
+    siim_cache, siim_raw: Path, real_rle_csv: Path
+) -> None:
+    cache, _ = siim_cache
+    before = (cache / "manifest.csv").read_bytes()
+    again = run_preprocess(siim_raw, cache, PreprocessConfig(), rle_csv=real_rle_csv, workers=1)
+    assert (again.processed, again.reused) == (0, 8)
+    assert (cache / "manifest.csv").read_bytes() == before
+    with pytest.raises(ConfigError, match="image_size 256 -> 128.*--overwrite"):
+        run_preprocess(siim_raw, cache, PreprocessConfig(image_size=128), rle_csv=real_rle_csv)
+    with pytest.raises(ConfigError, match="label input"):
+        run_preprocess(siim_raw, cache, PreprocessConfig())
+
+
+# --- synthetic files ----------------------------------------------------------------------------
+
+
+def _synthetic_raw(raw: Path) -> dict[str, np.ndarray]:
+    """One file of each kind; returns ImageId -> pixels of the good grey ones."""
+    rng = np.random.default_rng(5)
+    good = {"plain": _fake_xray(rng, 256, border=8), "nested": _fake_xray(rng, 200)}
+    write_dicom(raw / "plain.dcm", good["plain"], patient_id="A")
+    (raw / "a" / "b").mkdir(parents=True)
+    write_dicom(raw / "a" / "b" / "nested.dcm", good["nested"], patient_id="B")
+    stored = (_fake_xray(rng, 160).astype(np.uint16) * 16).astype(np.uint16)
+    extra = {"BitsStored": 12, "HighBit": 11, "RescaleSlope": 1, "RescaleIntercept": -1024}
+    write_dicom(raw / "wide.dcm", stored, jpeg=False, extra=extra)
+    rgb = np.stack([_fake_xray(rng, 160)] * 3, axis=-1)
+    write_dicom(raw / "colour.dcm", rgb, jpeg=False, photometric="RGB")
+    write_dicom(raw / "cine.dcm", np.stack([_fake_xray(rng, 160)] * 2), jpeg=False)
+    write_dicom(raw / "whole.dcm", _fake_xray(rng, 256))
+    data = (raw / "whole.dcm").read_bytes()
+    (raw / "whole.dcm").unlink()
+    (raw / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    write_dicom(raw / "flat.dcm", np.full((160, 160), 77, np.uint8), jpeg=False)
+    write_dicom(raw / "tiny.dcm", _fake_xray(rng, 64), jpeg=False)
+    (raw / "readme.txt").write_text("not an image")
+    return good
+
+
+def test_synthetic_kinds_are_cached_or_rejected_with_reasons(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _synthetic_raw(raw)
+    cache = tmp_path / "cache"
+    summary = run_preprocess(raw, cache, PreprocessConfig(image_size=64), workers=1)
+    assert summary.images == 4
+    manifest = load_manifest(cache)
+    assert list(manifest["ImageId"]) == ["colour", "nested", "plain", "wide"]
+    assert manifest.set_index("ImageId").loc["nested", "source"] == "a/b/nested.dcm"
+    assert manifest.set_index("ImageId").loc["plain", "crop_top"] == 8
+    reasons = dict(
+        line.split(",", 1) for line in (cache / "rejected.csv").read_text().split("\n")[1:-1]
+    )
+    assert set(reasons) == {"cine.dcm", "flat.dcm", "tiny.dcm", "truncated.dcm"}
+    assert "multi-frame" in reasons["cine.dcm"]
+    assert reasons["flat.dcm"].startswith("constant image")
+    assert reasons["tiny.dcm"].startswith("too small (64x64 px")
+    assert "pixel data" in reasons["truncated.dcm"]
+    with pytest.raises(InputError, match="4 file.s. rejected and --strict"):
+        run_preprocess(raw, cache, PreprocessConfig(image_size=64), workers=1, strict=True)
+    with pytest.raises(InputError, match="unfinished cache"):
+        load_manifest(cache)
+
+
+def test_masks_folder_and_wrong_sizes(tmp_path: Path) -> None:
+    raw, masks = tmp_path / "raw", tmp_path / "masks"
+    raw.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(1)
+    write_dicom(raw / "one.dcm", _fake_xray(rng, 256))
+    write_dicom(raw / "two.dcm", _fake_xray(rng, 256))
+    mask = np.zeros((256, 256), np.uint8)
+    mask[64:128, 32:96] = 1
+    write_mask_png(masks / "one.png", mask)
+    write_mask_png(masks / "ghost.png", mask)
+    summary = run_preprocess(
+        raw, tmp_path / "c1", PreprocessConfig(image_size=128), masks_dir=masks
+    )
+    assert (summary.positive, summary.unlabelled, summary.labels_without_image) == (1, 1, ["ghost"])
+    assert load_manifest(tmp_path / "c1").set_index("ImageId").loc["one", "mask_area_px"] == 4096
+    write_mask_png(masks / "two.png", np.zeros((100, 256), np.uint8))
+    with pytest.raises(InputError, match=r"two.png is 256x100 but its image two.dcm is 256x256"):
+        run_preprocess(raw, tmp_path / "c2", PreprocessConfig(), masks_dir=masks)
+    assert not (tmp_path / "c2").exists()
+
+
+def test_rle_for_another_image_size_is_an_error_before_writing(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_dicom(raw / "img1.dcm", _fake_xray(np.random.default_rng(2), 256))
+    big = np.zeros((512, 512), np.uint8)
+    big[400:500, 400:500] = 1
+    (tmp_path / "rle.csv").write_text(f"ImageId,EncodedPixels\nimg1,{encode_rle(big)}\nzzz,-1\n")
+    with pytest.raises(RleError, match=r"line 2 \(ImageId 'img1'\).*image img1.dcm \(256x256\)"):
+        run_preprocess(raw, tmp_path / "cache", PreprocessConfig(), rle_csv=tmp_path / "rle.csv")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_folders(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is not a folder"):
+        run_preprocess(tmp_path / "missing", tmp_path / "cache", PreprocessConfig())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no DICOM, PNG or JPEG files"):
+        run_preprocess(tmp_path / "empty", tmp_path / "cache", PreprocessConfig())
+    with pytest.raises(OutputError, match="inside input folder"):
+        run_preprocess(tmp_path / "empty", tmp_path / "empty" / "cache", PreprocessConfig())
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "empty" / "cache").exists()
+
+
+def test_grown_raw_dir_keeps_earlier_splits(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        write_dicom(raw / f"a{i:02d}.dcm", _fake_xray(rng, 160), jpeg=False)
+    settings = PreprocessConfig(image_size=32, folds=3)
+    run_preprocess(raw, tmp_path / "cache", settings, workers=1)
+    before = load_manifest(tmp_path / "cache").set_index("ImageId")[["split", "fold"]]
+    for i in range(12):
+        write_dicom(raw / f"b{i:02d}.dcm", _fake_xray(rng, 160), jpeg=False)
+    summary = run_preprocess(raw, tmp_path / "cache", settings, workers=1)
+    assert (summary.processed, summary.reused, summary.images) == (12, 12, 24)
+    after = load_manifest(tmp_path / "cache").set_index("ImageId")[["split", "fold"]]
+    assert after.loc[before.index].equals(before)
+
+
+def test_overwrite_rebuilds_with_new_settings(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_dicom(raw / "x.dcm", _fake_xray(np.random.default_rng(4), 200), jpeg=False)
+    run_preprocess(raw, tmp_path / "cache", PreprocessConfig(image_size=64), workers=1)
+    settings = replace(PreprocessConfig(), image_size=32)
+    summary = run_preprocess(raw, tmp_path / "cache", settings, workers=1, overwrite=True)
+    assert summary.processed == 1
+    assert read_grey_png(tmp_path / "cache" / "images" / "x.png").shape == (32, 32)
+    assert load_cache_settings(tmp_path / "cache").image_size == 32
+
+
+# --- kill -9 and resume -------------------------------------------------------------------------
+
+
+def _cache_files(cache: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(cache)): path.read_bytes()
+        for path in sorted(cache.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_killed_run_resumes_to_the_same_cache_as_a_clean_run(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(6)
+    rows = ["ImageId,EncodedPixels"]
+    for i in range(40):
+        image = _fake_xray(rng, 768, border=16)
+        write_dicom(raw / f"s{i:02d}.dcm", image, patient_id=f"P{i % 30}")
+        mask = np.zeros((768, 768), np.uint8)
+        if i % 3 == 0:
+            mask[100 + i : 300 + i, 200:260] = 1
+        rows.append(f"s{i:02d},{encode_rle(mask)}")
+    (tmp_path / "rle.csv").write_text("\n".join(rows) + "\n")
+    command = [
+        sys.executable, "-m", "pneumo_cli", "preprocess", str(raw), "CACHE",
+        "--rle", str(tmp_path / "rle.csv"), "--workers", "1", "--quiet", "--folds", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [killed if arg == "CACHE" else arg for arg in command],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        records = killed / "records"
+        if records.is_dir() and len(list(records.glob("*.json"))) >= 5:
+            break
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "manifest.csv").exists(), "the run finished before it could be killed"
+    done = subprocess.run(
+        [killed if arg == "CACHE" else arg for arg in command], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    clean = tmp_path / "clean"
+    subprocess.run([clean if arg == "CACHE" else arg for arg in command], env=env, check=True)
+    assert _cache_files(killed) == _cache_files(clean)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def test_cli_json_summary_and_one_line_errors(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pneumo_cli.cli import app
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_dicom(raw / "x.dcm", _fake_xray(np.random.default_rng(7), 200), jpeg=False)
+    runner = CliRunner()
+    cache = str(tmp_path / "cache")
+    result = runner.invoke(
+        app, ["preprocess", str(raw), cache, "--image-size", "32", "-j", "1", "--json", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["images"], summary["splits"]) == (1, {"train": 1, "val": 0, "test": 0})
+    result = runner.invoke(app, ["preprocess", str(raw), cache, "-j", "1", "-q"])
+    assert result.exit_code == 1
+    assert "other settings (image_size 32 -> 256)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["preprocess", str(raw), cache, "--rle", "a", "--masks", "b"])
+    assert result.exit_code == 2
+
+
+def test_truth_csv_holds_original_resolution_masks(siim_cache, real_rle_csv: Path) -> None:
+    cache, _ = siim_cache
+    truth = {row.image_id: row.encoded for row in read_rle_csv(cache / "truth.csv")}
+    assert set(truth) == set(REAL_TRAIN_AREAS)  # labelled images only
+    rows = read_rle_csv(real_rle_csv)
+    for image_id, area in REAL_TRAIN_AREAS.items():
+        original = decode_union([r.encoded for r in rows if r.image_id == image_id])
+        np.testing.assert_array_equal(decode_union([truth[image_id]]), original)
+        assert int(original.sum()) == area
