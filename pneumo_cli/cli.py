@@ -8,6 +8,7 @@ bug and keeps its traceback. This module imports no TensorFlow, so ``pneumo --he
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -18,6 +19,7 @@ from pneumo_cli import __version__
 from pneumo_cli.console import print_error
 from pneumo_cli.errors import PneumoError
 
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 EXIT_CODES_HELP = "Exit codes: 0 success, 1 bad input or data, 2 usage error."
 
 app = typer.Typer(
@@ -42,6 +44,16 @@ def error_boundary(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except PneumoError as exc:
             print_error(str(exc))
+            raise typer.Exit(code=1) from None
+        except OSError as exc:
+            # Safety net for the machine's own failures (disk full, read-only or forbidden
+            # folder) at a write that library code did not wrap; other OS errors stay bugs.
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            from pneumo_cli.files import describe_os_error
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            print_error(f"{where}{describe_os_error(exc)}")
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             print_error("interrupted; completed outputs are kept, run the command again to resume")
@@ -80,6 +92,7 @@ def _register_all() -> None:
     # Command modules import only typer at import time; heavy dependencies (TensorFlow, pydicom,
     # OpenCV, pandas) are imported inside the command functions, so --help stays instant.
     from pneumo_cli.commands import rle as rle_commands
+    from pneumo_cli.commands.demo import demo_data
     from pneumo_cli.commands.evaluate import evaluate
     from pneumo_cli.commands.overlay import overlay
     from pneumo_cli.commands.preprocess import preprocess
@@ -89,6 +102,7 @@ def _register_all() -> None:
     register("preprocess", preprocess)
     register("evaluate", evaluate)
     register("overlay", overlay)
+    register("demo-data", demo_data)
 
 
 _register_all()
