@@ -95,11 +95,15 @@ def _register_all() -> None:
     from pneumo_cli.commands.demo import demo_data
     from pneumo_cli.commands.evaluate import evaluate
     from pneumo_cli.commands.overlay import overlay
+    from pneumo_cli.commands.predict import predict
     from pneumo_cli.commands.preprocess import preprocess
+    from pneumo_cli.commands.train import train
 
     register("rle-decode", rle_commands.rle_decode)
     register("rle-encode", rle_commands.rle_encode)
     register("preprocess", preprocess)
+    register("train", train)
+    register("predict", predict)
     register("evaluate", evaluate)
     register("overlay", overlay)
     register("demo-data", demo_data)

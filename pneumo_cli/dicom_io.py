@@ -156,6 +156,29 @@ def read_xray(path: str | os.PathLike[str], *, salt: str = PATIENT_SALT) -> XRay
     raise InputError(f"{path}: not a DICOM, PNG or JPEG file (no DICM preamble, unknown suffix)")
 
 
+# Header fields that identify a patient. pneumo never writes them anywhere, except into
+# CACHE/phi.csv when the user asks for it with `pneumo preprocess --keep-phi`.
+PHI_FIELDS = ("PatientID", "PatientName", "PatientBirthDate", "InstitutionName", "AccessionNumber")
+
+
+def read_phi(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The patient-identifying header fields (:data:`PHI_FIELDS`) of an X-ray file, as text
+    ("" when absent; all "" for PNG/JPEG). Only ``pneumo preprocess --keep-phi`` calls this.
+
+    Raises:
+        DicomError, InputError: as :func:`read_header`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return dict.fromkeys(PHI_FIELDS, "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = _open_dataset(path, stop_before_pixels=True)
+        return {name: str(ds.get(name, "") or "").strip() for name in PHI_FIELDS}
+
+
 @dataclass(frozen=True)
 class XRayHeader:
     """What can be learnt without decoding pixels: ``instance_uid`` (SOPInstanceUID, "" for
@@ -179,15 +202,9 @@ def read_header(path: str | os.PathLike[str]) -> XRayHeader:
     if path.suffix.lower() in RASTER_SUFFIXES:
         rows, cols = _raster_size(path)
         return XRayHeader(image_id_of(path), "", rows, cols)
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise DicomError(f"{path}: not a readable DICOM file ({_short(exc)})") from None
+        ds = _open_dataset(path, stop_before_pixels=True)
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         rows = _int_or_none(ds.get("Rows"))
         cols = _int_or_none(ds.get("Columns"))
@@ -230,16 +247,10 @@ def _empty_meta() -> dict[str, Any]:
 
 
 def _read_dicom(path: Path, salt: str) -> XRay:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     # Stage-2 SIIM files carry invalid UIDs ("ID_0011fe81e"); pydicom warns, we read on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(path, force=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise DicomError(f"{path}: not a readable DICOM file ({_short(exc)})") from None
+        ds = _open_dataset(path, stop_before_pixels=False)
         if "PixelData" not in ds:
             if not has_dicom_preamble(path) and "Rows" not in ds:
                 raise DicomError(f"{path}: not a DICOM file (no DICM preamble, no image header)")
@@ -260,6 +271,29 @@ def _read_dicom(path: Path, salt: str) -> XRay:
         image = _to_grey_uint8(ds, pixels, photometric, path)
         meta = _dicom_meta(ds, photometric, image.shape, salt)
     return XRay(image=image, image_id=image_id_of(path), meta=meta)
+
+
+def _open_dataset(path: Path, stop_before_pixels: bool) -> Any:
+    """Parse a DICOM file completely (every element converted, nested ones too).
+
+    pydicom converts element values lazily, so a corrupt header would otherwise fail later, at
+    the first access, with whatever exception its value converter raises (NotImplementedError
+    for an unknown VR, struct.error, UnicodeDecodeError...). Converting everything here turns
+    every such failure into one :class:`DicomError` naming the file.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+        for _ in ds.file_meta.iterall() if ds.file_meta is not None else ():
+            pass
+        for _ in ds.iterall():
+            pass
+    except MemoryError:
+        raise DicomError(f"{path}: not a readable DICOM file (an element is too large)") from None
+    except Exception as exc:  # noqa: BLE001 - the parser meets untrusted bytes; any type is possible
+        raise DicomError(f"{path}: not a readable DICOM file ({_short(exc)})") from None
+    return ds
 
 
 def _short(exc: BaseException) -> str:

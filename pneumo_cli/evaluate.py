@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from pneumo_cli import __version__, metrics
-from pneumo_cli.errors import InputError, RleError
+from pneumo_cli.errors import InputError, OutputError, RleError
 from pneumo_cli.files import (
     atomic_write_json,
     atomic_write_text,
+    describe_os_error,
     ensure_output_dir,
     read_input_bytes,
 )
@@ -350,6 +351,14 @@ def write_evaluation(
 
     out = ensure_output_dir(out_dir, *inputs)
     written = {"metrics.json": out / "metrics.json", "per_image.csv": out / "per_image.csv"}
+    # An older metrics.json would mark a folder complete while its other files are being
+    # replaced; it goes first and comes back last.
+    try:
+        written["metrics.json"].unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot replace {written['metrics.json']}: {describe_os_error(exc)}"
+        ) from None
     atomic_write_text(written["per_image.csv"], per_image_csv(evaluation.rows))
     written.update(report.write_plots(evaluation, out))
     written["report.html"] = report.write_report(

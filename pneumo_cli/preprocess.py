@@ -9,6 +9,10 @@
     CACHE/rejected.csv          path,reason of every file left out
     CACHE/truth.csv             ImageId,EncodedPixels: labelled masks at original size (SIIM RLE)
     CACHE/manifest.csv          one row per image, with split and fold (written last)
+    CACHE/phi.csv               only with keep_phi: ImageId, source and the patient fields
+
+While a run works on a cache it holds ``CACHE/.pneumo-lock`` (see :func:`files.folder_lock`), so
+a second run into the same cache refuses to start instead of writing over the first.
 
 A run goes in four phases: scan (walk RAW_DIR, read headers, drop duplicates), check labels
 against image sizes (before anything is written), process images (in parallel; finished images
@@ -19,6 +23,7 @@ gives the same cache as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,13 +39,16 @@ from pneumo_cli.files import (
     atomic_write_json,
     atomic_write_text,
     ensure_output_dir,
+    folder_lock,
     remove_stale_temporaries,
 )
 from pneumo_cli.imaging import Prepared, prepare_image, prepare_mask, restore_to_original
 from pneumo_cli.preprocess_inputs import (
     ProgressFn,
+    phi_csv,
     process_images,
     read_labels,
+    read_phi_rows,
     scan_raw_dir,
     worker_pool,
 )
@@ -69,6 +77,8 @@ _TEXT_COLUMNS = (
 _NULLABLE_INT_COLUMNS = ("has_pneumothorax", "mask_area_px", "age")
 # Labelled images' masks at original resolution as SIIM RLE (`pneumo evaluate` scores against it).
 TRUTH_FILE = "truth.csv"
+# Patient-identifying header fields, written only when asked for (--keep-phi).
+PHI_FILE = "phi.csv"
 _OUR_FOLDERS = {"images": ".png", "masks": ".png", "records": ".json"}
 
 
@@ -90,6 +100,7 @@ class PreprocessSummary:
     labels_without_image: list[str] = field(default_factory=list)
     rejected_examples: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    phi_csv: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +116,7 @@ def run_preprocess(
     workers: int | None = None,
     overwrite: bool = False,
     strict: bool = False,
+    keep_phi: bool = False,
     progress: ProgressFn | None = None,
 ) -> PreprocessSummary:
     """Build (or finish, or extend) the cache in ``cache_dir`` from the X-rays under ``raw_dir``.
@@ -117,13 +129,16 @@ def run_preprocess(
         workers: processes (default: all CPU cores).
         overwrite: rebuild a cache made with other settings or labels.
         strict: any rejected file is an error (the manifest is then not written).
+        keep_phi: also write ``CACHE/phi.csv`` with each image's PatientID, PatientName,
+            PatientBirthDate, InstitutionName and AccessionNumber. Without it no such field is
+            written anywhere, and a phi.csv left by an earlier run is deleted.
         progress: called with the number of images finished since the last call.
 
     Raises:
         InputError: RAW_DIR missing or without images, a label that does not fit its image,
             rejections under ``strict``.
         ConfigError: the cache was made with other settings and ``overwrite`` is False.
-        OutputError: CACHE_DIR inside RAW_DIR, or not writable.
+        OutputError: CACHE_DIR inside RAW_DIR, or not writable, or in use by another run.
     """
     started = time.perf_counter()
     raw = Path(raw_dir)
@@ -135,6 +150,35 @@ def run_preprocess(
     cache = Path(cache_dir)
     _refuse_inside(cache, raw, masks_dir)
     labels = read_labels(rle_csv, masks_dir)
+    created = not cache.exists()
+    ensure_output_dir(cache)
+    try:
+        with folder_lock(cache, "preprocess"):
+            return _build_cache(
+                raw, cache, settings, labels, workers=workers, overwrite=overwrite,
+                strict=strict, keep_phi=keep_phi, progress=progress, started=started,
+            )  # fmt: skip
+    finally:
+        if created:
+            # A run refused before its first write leaves no empty cache folder behind.
+            with contextlib.suppress(OSError):
+                cache.rmdir()
+
+
+def _build_cache(
+    raw: Path,
+    cache: Path,
+    settings: PreprocessConfig,
+    labels: Any,
+    *,
+    workers: int,
+    overwrite: bool,
+    strict: bool,
+    keep_phi: bool,
+    progress: ProgressFn | None,
+    started: float,
+) -> PreprocessSummary:
+    """The body of :func:`run_preprocess`, run while holding the cache's lock."""
     # Everything that can refuse the run happens before the first write.
     previous = None if overwrite else _check_cache(cache, settings, labels.fingerprint())
     with worker_pool(workers) as pool_map:
@@ -146,6 +190,7 @@ def run_preprocess(
         records, newly_rejected, processed = process_images(
             candidates, label_of, cache, settings, pool_map, progress
         )
+        phi_rows = read_phi_rows(raw, records, pool_map) if keep_phi else None
     rejected = sorted(rejected + newly_rejected)
     atomic_write_text(cache / "rejected.csv", _rejected_csv(rejected))
     if not records:
@@ -161,6 +206,11 @@ def run_preprocess(
     manifest = _build_manifest(records, settings, previous)
     counts = _counts(manifest, rejected, unmatched)
     atomic_write_text(cache / TRUTH_FILE, _truth_csv(records))
+    phi_path = cache / PHI_FILE
+    if phi_rows is not None:
+        atomic_write_text(phi_path, phi_csv(phi_rows), fsync=True)
+    else:
+        _remove(phi_path)
     _write_settings(cache, settings, labels.fingerprint(), counts, complete=True)
     atomic_write_text(cache / "manifest.csv", manifest.to_csv(index=False), fsync=True)
     return PreprocessSummary(
@@ -177,7 +227,15 @@ def run_preprocess(
         labels_without_image=unmatched,
         rejected_examples=rejected[:10],
         seconds=round(time.perf_counter() - started, 3),
+        phi_csv=str(phi_path) if phi_rows is not None else "",
     )
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot remove {path}: {exc.strerror}") from None
 
 
 def _previous_sources(previous: Any) -> dict[str, str]:
@@ -255,7 +313,7 @@ def _wipe(cache: Path) -> None:
             for path in folder.iterdir():
                 if path.suffix == suffix and path.is_file():
                     path.unlink()
-    for name in ("manifest.csv", "rejected.csv", "preprocess.json", TRUTH_FILE):
+    for name in ("manifest.csv", "rejected.csv", "preprocess.json", TRUTH_FILE, PHI_FILE):
         (cache / name).unlink(missing_ok=True)
 
 

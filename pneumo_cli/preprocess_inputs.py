@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ def worker_pool(workers: int) -> Iterator[MapFn]:
 
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         context = multiprocessing.get_context(method)
-        with context.Pool(workers, initializer=_init_worker) as pool:
+        with context.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
 
             def map_unordered(fn: Callable[[Any], Any], items: list[Any]) -> Any:
                 chunk = max(1, min(16, len(items) // (workers * 8)))
@@ -164,10 +165,29 @@ def worker_pool(workers: int) -> Iterator[MapFn]:
         cv2.setNumThreads(threads)
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker as soon as the main process dies (even by kill -9).
+
+    Otherwise an orphaned worker would finish its chunk of images and keep writing into the
+    cache after the run's lock counts as stale, while a re-run may already be working there.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request was in place
+        os._exit(1)
 
 
 def _header_task(path: Path) -> tuple[Path, Any, str]:
@@ -283,7 +303,9 @@ def _process_task(task: tuple) -> tuple[str, Any]:
     item, label, cache, settings = task
     try:
         return "done", _process_one(item, label, cache, settings)
-    except PneumoError as exc:
+    except InputError as exc:
+        # Only a bad input is a rejection; an OutputError (disk full, read-only cache) stops
+        # the run, or the cache would silently lose every image written after the disk filled.
         return "rejected", (item.source, _reason(exc, item.path))
 
 
@@ -357,3 +379,43 @@ def _load_mask(label: tuple | None, height: int, width: int, item: Candidate) ->
             f"{width}x{height}"
         )
     return mask.astype("uint8")
+
+
+# --- patient fields (--keep-phi only) ----------------------------------------------------------
+
+
+def read_phi_rows(raw: Path, records: list[dict[str, Any]], pool_map: Any) -> list[list[str]]:
+    """``[ImageId, source, *PHI_FIELDS]`` for every cached image, sorted by ImageId (only for
+    ``pneumo preprocess --keep-phi``)."""
+    from pneumo_cli.dicom_io import PHI_FIELDS
+
+    jobs = sorted((r["ImageId"], r["source"]) for r in records)
+    fields = pool_map(_phi_task, [raw / source for _, source in jobs])
+    found = dict(fields)
+    return [
+        [image_id, source, *(found[raw / source].get(name, "") for name in PHI_FIELDS)]
+        for image_id, source in jobs
+    ]
+
+
+def _phi_task(path: Path) -> tuple[Path, dict[str, str]]:
+    from pneumo_cli.dicom_io import read_phi
+
+    try:
+        return path, read_phi(path)
+    except PneumoError:
+        return path, {}  # the image was readable a moment ago; leave its fields empty
+
+
+def phi_csv(rows: list[list[str]]) -> str:
+    """The text of ``CACHE/phi.csv``: a header, then :func:`read_phi_rows`' rows."""
+    import csv
+    import io
+
+    from pneumo_cli.dicom_io import PHI_FIELDS
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ImageId", "source", *PHI_FIELDS])
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -44,3 +44,37 @@ def real_train_dicoms(siim: Path) -> dict[str, Path]:
     """SOPInstanceUID -> path of the three real training DICOMs."""
     files = sorted((siim / "dicom-images-train").rglob("*.dcm"))
     return {path.stem: path for path in files}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real, tiny pipeline run shared by the predict/evaluate tests: 40 synthetic DICOMs in the
+    SIIM layout -> `preprocess` at 64 px -> `train` (resnet18, random start, 2 short epochs).
+
+    Returns the paths ``raw`` (demo dataset), ``cache`` and ``run``. The model is barely trained:
+    tests built on it check plumbing and geometry, not accuracy.
+    """
+    from pneumo_cli.config import PreprocessConfig
+    from pneumo_cli.demo_dataset import write_demo_dataset
+    from pneumo_cli.preprocess import run_preprocess
+    from pneumo_cli.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    raw = root / "raw"
+    write_demo_dataset(raw, n=40, seed=3, size=128)
+    cache = root / "cache"
+    run_preprocess(
+        raw, cache, PreprocessConfig(image_size=64), rle_csv=raw / "train-rle.csv", workers=1
+    )
+    config = TrainConfig(
+        cache=str(cache),
+        encoder="resnet18",
+        encoder_weights="none",
+        epochs=2,
+        batch_size=4,
+        steps_per_epoch=3,
+        patience=0,
+        gpus=0,
+    )
+    result = train(config, runs_dir=root / "runs")
+    return {"raw": raw, "cache": cache, "run": Path(result.run_dir)}

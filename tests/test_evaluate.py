@@ -349,6 +349,6 @@ def test_cli_usage_errors_exit_2(tmp_path):
 def test_cli_model_mode_needs_a_trained_run(tmp_path):
     result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "runs" / "train")])
     assert result.exit_code == 1
-    assert "needs a trained run" in result.stderr and "best.keras" in result.stderr
+    assert "is not a pneumo run (no config.json)" in result.stderr
     result = runner.invoke(app, ["evaluate", "--split", "test", "--tune"])
     assert result.exit_code == 1 and "refused" in result.stderr

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from pneumo_cli.commands.options import Json, Quiet
-from pneumo_cli.errors import ConfigError, PneumoError
 
 
 class Split(StrEnum):
@@ -131,7 +130,7 @@ def evaluate(
             )
         _evaluate_offline(predictions, truth, allow_missing, height, width, out, json_output, quiet)
     else:
-        _evaluate_model(run, split, tune)
+        _evaluate_model(run, cache, split, tta, tune, at, out, json_output, quiet)
 
 
 def _evaluate_offline(
@@ -162,19 +161,61 @@ def _evaluate_offline(
         print_note(f"wrote {len(written)} files to {out_dir}/ (open {written['report.html']})")
 
 
-def _evaluate_model(run: Path | None, split: Split | None, tune: bool) -> None:
-    if tune and split is Split.test:
-        raise ConfigError("--tune on the test split is refused: tune on val, then score test once")
-    run_dir = run if run is not None else Path("runs/latest")
-    if not (run_dir / "best.keras").is_file():
-        raise PneumoError(
-            f"evaluating a model needs a trained run, and {run_dir} has no best.keras: train one "
-            "with `pneumo train`, or score a submission with --predictions P.csv --truth T.csv"
-        )
-    raise PneumoError(
-        f"evaluating the model in {run_dir} needs `pneumo predict`, which this build does not "
-        "include yet; score its predictions.csv with --predictions P.csv --truth T.csv"
+def _evaluate_model(
+    run: Path | None,
+    cache: Path | None,
+    split: Split | None,
+    tta: Tta,
+    tune: bool,
+    at: ScoreAt,
+    out: Path | None,
+    json_output: bool,
+    quiet: bool,
+) -> None:
+    import functools
+
+    from pneumo_cli.console import print_note, progress_bar
+    from pneumo_cli.evaluate_run import evaluate_run
+
+    result = evaluate_run(
+        run,
+        cache=cache,
+        split=split.value if split is not None else None,
+        tta=tta.value,
+        tune=tune,
+        at=at.value,
+        out_dir=out,
+        progress_factory=functools.partial(progress_bar, quiet=quiet),
     )
+    if result.tuned and not json_output:
+        _render_tuning(result.tuned)
+    _render(result.evaluation.metrics, json_output)
+    if not quiet:
+        if result.tuned:
+            print_note(f"saved the best gate to {result.written['metrics.json'].parent.parent}")
+        print_note(
+            f"wrote the evaluation to {result.out_dir}/ (open {result.written['report.html']})"
+        )
+
+
+def _render_tuning(tuned: list[Any]) -> None:
+    from rich.table import Table
+
+    from pneumo_cli.console import stdout_console
+
+    table = Table(title="best post-processing gates (val)")
+    for column in ("top thr", "min area px", "bottom thr", "min comp px", "mean Dice"):
+        table.add_column(column, justify="right")
+    for score in tuned[:5]:
+        gate = score.gate
+        table.add_row(
+            f"{gate.top_threshold:g}",
+            f"{gate.min_area_px:g}",
+            f"{gate.bottom_threshold:g}",
+            f"{gate.min_component_area_px:g}",
+            f"{score.mean_dice:.4f}",
+        )
+    stdout_console().print(table)
 
 
 def _render(metrics: dict[str, Any], json_output: bool) -> None:

@@ -76,6 +76,15 @@ def preprocess(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file is rejected.")
     ] = False,
+    keep_phi: Annotated[
+        bool,
+        typer.Option(
+            "--keep-phi",
+            help="Also write CACHE/phi.csv with each image's PatientID, PatientName, "
+            "PatientBirthDate, InstitutionName and AccessionNumber. Without it no "
+            "patient-identifying field is written anywhere (an old phi.csv is deleted).",
+        ),
+    ] = False,
     workers: Workers = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -98,24 +107,29 @@ def preprocess(
     from pneumo_cli.commands.render import print_summary
     from pneumo_cli.config import PreprocessConfig
     from pneumo_cli.console import print_note, print_warning, progress_bar
+    from pneumo_cli.errors import ConfigError
     from pneumo_cli.preprocess import run_preprocess
     from pneumo_cli.preprocess_inputs import list_xray_files
 
     if rle is not None and masks is not None:
         raise typer.BadParameter("give masks with --rle or --masks, not both")
-    settings = PreprocessConfig(
-        image_size=image_size,
-        crop_border=not no_crop,
-        crop_threshold=crop_threshold,
-        clahe=not no_clahe,
-        clahe_clip=clahe_clip,
-        clahe_grid=clahe_grid,
-        min_image_px=min_size,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        folds=folds,
-        seed=seed,
-    )
+    try:
+        settings = PreprocessConfig(
+            image_size=image_size,
+            crop_border=not no_crop,
+            crop_threshold=crop_threshold,
+            clahe=not no_clahe,
+            clahe_clip=clahe_clip,
+            clahe_grid=clahe_grid,
+            min_image_px=min_size,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            folds=folds,
+            seed=seed,
+        )
+    except ConfigError as exc:
+        # A combination of options that cannot work is a usage error (exit 2), like a bad value.
+        raise typer.BadParameter(str(exc).removeprefix("preprocess settings: ")) from None
     total = len(list_xray_files(raw_dir)) if raw_dir.is_dir() else None
     with progress_bar("preprocess", total, quiet) as advance:
         summary = run_preprocess(
@@ -127,6 +141,7 @@ def preprocess(
             workers=workers,
             overwrite=overwrite,
             strict=strict,
+            keep_phi=keep_phi,
             progress=advance,
         )
     if not quiet:
@@ -158,6 +173,8 @@ def preprocess(
             "train / val / test": " / ".join(str(n) for n in summary.splits.values()),
             "seconds": summary.seconds,
         }
+        if summary.phi_csv:
+            values["patient fields (--keep-phi)"] = summary.phi_csv
         if summary.folds:
             values["folds"] = ", ".join(f"{k}: {n}" for k, n in summary.folds.items())
     print_summary("pneumo preprocess", values, json_out)

@@ -1,0 +1,473 @@
+"""The segmentation_models U-Net and the one place that chooses the Keras engine.
+
+pneumo runs on TensorFlow with the tf-keras engine (``TF_USE_LEGACY_KERAS=1``) and
+segmentation_models in its ``tf.keras`` mode (``SM_FRAMEWORK=tf.keras``). Both variables must be
+set before TensorFlow is first imported, so every module gets TensorFlow from :func:`import_tf`
+and segmentation_models from :func:`import_sm`; nothing else sets them.
+
+Images enter the network as float32 (B, H, W, 3): the grey uint8 X-ray repeated on the three
+channels, then scaled the way the encoder's ImageNet weights expect (:func:`scale_input`). The
+scaling's name is stored in every run so that prediction scales exactly as training did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.errors import ConfigError, InputError
+
+DEFAULT_ENCODER = "resnet34"
+PRECISIONS = ("fp32", "bf16")
+
+# How grey pixel values v in [0, 255] become network inputs, per encoder family. The names are
+# stored in runs; the maths must match segmentation_models' get_preprocessing(encoder), which
+# tests/test_model.py checks for every encoder.
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+SCALINGS = ("raw-0-255", "imagenet-mean-std", "caffe-mean", "symmetric-1")
+
+# Layer names segmentation_models gives the U-Net decoder; every other layer is the encoder.
+_DECODER_PREFIXES = ("decoder_stage", "center_block", "final_conv", "sigmoid", "pneumo_")
+
+
+def import_tf() -> Any:
+    """Import TensorFlow with the tf-keras engine and return the ``tensorflow`` module.
+
+    Sets ``TF_USE_LEGACY_KERAS=1`` and ``SM_FRAMEWORK=tf.keras`` unless TensorFlow is already
+    imported (then they can no longer take effect and are left alone).
+
+    Raises:
+        ConfigError: ``tf.keras`` is not the tf-keras engine (TensorFlow was imported elsewhere
+            before pneumo could select it, or the ``tf-keras`` package is missing).
+    """
+    if "tensorflow" not in sys.modules:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        os.environ["SM_FRAMEWORK"] = "tf.keras"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow as tf
+
+    engine = tf.keras.Model.__module__  # forces the lazy tf.keras to resolve
+    if not engine.startswith("tf_keras"):
+        raise ConfigError(
+            f"tf.keras is '{engine}', not the tf-keras engine pneumo needs: install tf-keras "
+            "matching TensorFlow and make sure TensorFlow is not imported before pneumo "
+            "(or export TF_USE_LEGACY_KERAS=1)"
+        )
+    return tf
+
+
+def import_sm() -> Any:
+    """Import segmentation_models in ``tf.keras`` mode; its start-up banner goes to stderr."""
+    import_tf()
+    with contextlib.redirect_stdout(sys.stderr):
+        import segmentation_models as sm
+    if sm.framework() != "tf.keras":
+        raise ConfigError(
+            f"segmentation_models runs on '{sm.framework()}', not tf.keras; it was imported "
+            "before pneumo could select the framework (export SM_FRAMEWORK=tf.keras)"
+        )
+    return sm
+
+
+def keras_engine() -> str:
+    """The Keras engine in use, e.g. ``"tf-keras 2.21.0"``."""
+    import_tf()
+    import tf_keras
+
+    return f"tf-keras {tf_keras.__version__}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide what a trained model computes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for name in (
+        "tensorflow",
+        "tf-keras",
+        "segmentation-models",
+        "numpy",
+        "opencv-python-headless",
+    ):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def available_encoders() -> list[str]:
+    """Encoder (backbone) names segmentation_models can build."""
+    return list(import_sm().get_available_backbone_names())
+
+
+def check_encoder(encoder: str) -> str:
+    """Return ``encoder`` if segmentation_models knows it, else raise ConfigError listing them."""
+    names = available_encoders()
+    if encoder not in names:
+        raise ConfigError(f"unknown encoder '{encoder}'; choose one of: {', '.join(names)}")
+    return encoder
+
+
+def input_scaling_for(encoder: str) -> str:
+    """Name of the input scaling segmentation_models' ``get_preprocessing(encoder)`` applies.
+
+    Found by running that function on a probe of grey values and matching the result against
+    :data:`SCALINGS`, so a future change in segmentation_models cannot silently diverge.
+
+    Raises:
+        ConfigError: the encoder is unknown or its preprocessing matches none of the scalings.
+    """
+    sm = import_sm()
+    check_encoder(encoder)
+    probe = np.repeat(np.array([0.0, 17.0, 128.0, 255.0]).reshape(1, 2, 2, 1), 3, axis=3)
+    expected = np.asarray(sm.get_preprocessing(encoder)(probe.copy()), dtype=np.float64)
+    for name in SCALINGS:
+        if np.allclose(_scale_numpy(probe, name), expected, atol=1e-4):
+            return name
+    raise ConfigError(f"encoder '{encoder}' uses an input scaling pneumo does not know")
+
+
+def _scale_numpy(batch: np.ndarray, scaling: str) -> np.ndarray:
+    if scaling == "raw-0-255":
+        return batch
+    if scaling == "imagenet-mean-std":
+        return (batch / 255.0 - np.array(_IMAGENET_MEAN_RGB)) / np.array(_IMAGENET_STD_RGB)
+    if scaling == "caffe-mean":
+        return batch - np.array(_CAFFE_MEAN_BGR)
+    if scaling == "symmetric-1":
+        return batch / 127.5 - 1.0
+    raise ConfigError(f"unknown input scaling '{scaling}'; known: {', '.join(SCALINGS)}")
+
+
+def scale_input(batch: Any, scaling: str) -> Any:
+    """Turn grey pixels into network input, as a TensorFlow op.
+
+    Args:
+        batch: grey pixel values in [0, 255], any numeric dtype, shaped (..., H, W) or
+            (..., H, W, 1): an (H, W) image, an (H, W, 1) image or a (B, H, W, 1) batch. A
+            trailing axis of size 1 is taken as the channel axis.
+        scaling: one of :data:`SCALINGS` (as recorded in the run's config.json).
+
+    Returns:
+        float32 tensor ending in a channel axis of 3 (the grey value on every channel), scaled.
+
+    Raises:
+        ConfigError: unknown scaling name.
+    """
+    tf = import_tf()
+    if scaling not in SCALINGS:
+        raise ConfigError(f"unknown input scaling '{scaling}'; known: {', '.join(SCALINGS)}")
+    x = tf.cast(batch, tf.float32)
+    if x.shape[-1] != 1:
+        x = x[..., tf.newaxis]
+    x = tf.repeat(x, 3, axis=-1)
+    if scaling == "imagenet-mean-std":
+        mean = tf.constant(_IMAGENET_MEAN_RGB, tf.float32)
+        std = tf.constant(_IMAGENET_STD_RGB, tf.float32)
+        return (x / 255.0 - mean) / std
+    if scaling == "caffe-mean":
+        return x - tf.constant(_CAFFE_MEAN_BGR, tf.float32)
+    if scaling == "symmetric-1":
+        return x / 127.5 - 1.0
+    return x
+
+
+@dataclass(frozen=True)
+class ImagenetWeights:
+    """Where segmentation_models looks for an encoder's ImageNet weights."""
+
+    encoder: str
+    file_name: str
+    url: str
+    md5: str
+    folder: Path
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.file_name
+
+
+def keras_cache_folder() -> Path:
+    """Folder the Keras file cache keeps model weights in (as ``keras.utils.get_file`` does)."""
+    base = Path(os.environ.get("KERAS_HOME") or Path("~/.keras").expanduser())
+    if base.exists() and not os.access(base, os.W_OK):
+        base = Path("/tmp/.keras")  # keras.utils.get_file's own fallback
+    return base / "models"
+
+
+def imagenet_weights(encoder: str) -> ImagenetWeights:
+    """The ImageNet weights file segmentation_models uses for ``encoder``'s encoder.
+
+    Raises:
+        ConfigError: there are no ImageNet weights for this encoder.
+    """
+    import_sm()
+    from classification_models.weights import WEIGHTS_COLLECTION
+
+    for entry in WEIGHTS_COLLECTION:
+        if (
+            entry["model"] == encoder
+            and entry["dataset"] == "imagenet"
+            and not entry["include_top"]
+        ):
+            return ImagenetWeights(
+                encoder, entry["name"], entry["url"], entry["md5"], keras_cache_folder()
+            )
+    raise ConfigError(
+        f"pneumo knows no ImageNet weights file for encoder '{encoder}'; "
+        "use --encoder-weights none or --encoder-weights PATH"
+    )
+
+
+def fetch_imagenet_weights(encoder: str, notify: Callable[[str], None] | None = None) -> Path:
+    """Path of ``encoder``'s ImageNet weights in the Keras cache, downloading them if absent.
+
+    ``notify`` is told what is downloaded from where, before the download starts.
+
+    Raises:
+        ConfigError: one line naming the file, its md5, the folder to put it in, and the
+            ``none``/PATH alternatives, when the file is absent and cannot be downloaded.
+    """
+    tf = import_tf()
+    weights = imagenet_weights(encoder)
+    if weights.path.is_file():
+        digest = _md5_of(weights.path)
+        if digest != weights.md5:
+            raise ConfigError(
+                f"{weights.path} is damaged (md5 {digest}, expected {weights.md5}): delete it "
+                f"and run again to download it, or place a good copy from {weights.url} there"
+            )
+        return weights.path
+    with contextlib.suppress(OSError):
+        weights.folder.mkdir(parents=True, exist_ok=True)
+    if notify is not None:
+        notify(f"downloading {weights.file_name} from {weights.url} into {weights.folder}")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            fetched = tf.keras.utils.get_file(
+                weights.file_name,
+                weights.url,
+                cache_subdir="models",
+                md5_hash=weights.md5,
+                cache_dir=str(weights.folder.parent),
+            )
+    except Exception as exc:  # get_file raises bare Exception for network errors
+        # get_file's message ends with the network error after " -- "; keep that part.
+        reason = " ".join(str(exc).split()).rsplit(" -- ", 1)[-1][:160]
+        raise ConfigError(
+            f"ImageNet weights for {encoder} are not in the Keras cache and could not be "
+            f"downloaded ({reason}): place {weights.file_name} (md5 {weights.md5}) from "
+            f"{weights.url} in {weights.folder}, or train with --encoder-weights none "
+            "(random start) or --encoder-weights PATH (an .h5 file of the encoder)"
+        ) from None
+    return Path(fetched)
+
+
+def _md5_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encoder_layers(model: Any) -> list[Any]:
+    """The U-Net's encoder layers that hold weights (everything that is not the decoder)."""
+    return [
+        layer
+        for layer in model.layers
+        if layer.weights and not layer.name.startswith(_DECODER_PREFIXES)
+    ]
+
+
+def _h5_weight_groups(path: Path) -> dict[str, list[np.ndarray]]:
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path}: not an HDF5 (.h5) weights file") from None
+    with handle:
+        root = handle.get("model_weights", handle)
+        if "layer_names" not in root.attrs:
+            raise InputError(f"{path}: HDF5 file without Keras layer weights (no 'layer_names')")
+        groups: dict[str, list[np.ndarray]] = {}
+        for raw_name in root.attrs["layer_names"]:
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            group = root[name]
+            names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
+            if names:
+                groups[name] = [np.asarray(group[n]) for n in names]
+        return groups
+
+
+def load_encoder_weights(model: Any, encoder: str, path: str | os.PathLike[str]) -> int:
+    """Load an ``.h5`` file with the encoder's layer layout into the U-Net's encoder.
+
+    The file may hold the bare encoder (as segmentation_models' ImageNet files do) or a whole
+    U-Net; decoder layers in it are ignored. Every encoder layer must receive weights of the
+    right shapes, and the file must not hold encoder layers this encoder lacks.
+
+    Returns:
+        The number of encoder layers loaded.
+
+    Raises:
+        InputError: the file is missing or not a Keras HDF5 weights file.
+        ConfigError: the file does not fit the encoder (names the first mismatching layer).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"encoder weights file {path} does not exist")
+    groups = _h5_weight_groups(path)
+    layers = encoder_layers(model)
+    ours = {layer.name for layer in layers}
+    extra = sorted(n for n in groups if n not in ours and not n.startswith(_DECODER_PREFIXES))
+    if extra:
+        raise ConfigError(
+            f"{path} does not fit encoder {encoder}: it has {len(extra)} layer(s) the encoder "
+            f"lacks (e.g. '{extra[0]}'); was it written for another encoder?"
+        )
+    for layer in layers:
+        arrays = groups.get(layer.name)
+        expected = [tuple(w.shape) for w in layer.weights]
+        if arrays is None:
+            raise ConfigError(
+                f"{path} does not fit encoder {encoder}: no weights for layer '{layer.name}'"
+            )
+        found = [tuple(a.shape) for a in arrays]
+        if found != expected:
+            raise ConfigError(
+                f"{path} does not fit encoder {encoder}: layer '{layer.name}' needs shapes "
+                f"{expected}, the file has {found}"
+            )
+    for layer in layers:
+        layer.set_weights(groups[layer.name])
+    return len(layers)
+
+
+def _set_precision(precision: str) -> None:
+    tf = import_tf()
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}"
+        )
+    policy = "mixed_bfloat16" if precision == "bf16" else "float32"
+    tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def build_model(
+    encoder: str = DEFAULT_ENCODER,
+    image_size: int = 256,
+    encoder_weights: str | os.PathLike[str] | None = "imagenet",
+    precision: str = "fp32",
+    notify: Callable[[str], None] | None = None,
+) -> Any:
+    """Build the U-Net: ``encoder`` backbone, one sigmoid output channel.
+
+    Args:
+        encoder: a segmentation_models backbone name (see :func:`available_encoders`).
+        image_size: input height and width in pixels; a multiple of 32.
+        encoder_weights: ``"imagenet"`` (Keras cache, downloaded if absent), ``None``/``"none"``
+            (random start) or the path of an ``.h5`` file with the encoder's layer layout.
+        precision: ``"fp32"`` or ``"bf16"`` (mixed bfloat16; the output stays float32).
+        notify: told before ImageNet weights are downloaded.
+
+    Returns:
+        A tf-keras Model mapping float32 (B, image_size, image_size, 3) scaled input
+        (:func:`scale_input`) to float32 (B, image_size, image_size, 1) probabilities.
+
+    Raises:
+        ConfigError: unknown encoder, bad size, weights that do not fit or cannot be obtained.
+    """
+    sm = import_sm()
+    tf = import_tf()
+    check_encoder(encoder)
+    if image_size < 32 or image_size % 32:
+        raise ConfigError(f"image size {image_size} px must be a positive multiple of 32")
+    weights_path: Path | None = None
+    if encoder_weights == "imagenet":
+        weights_path = fetch_imagenet_weights(encoder, notify)
+    elif encoder_weights not in (None, "none"):
+        weights_path = Path(encoder_weights)
+    _set_precision(precision)
+    try:
+        unet = sm.Unet(
+            encoder,
+            input_shape=(image_size, image_size, 3),
+            classes=1,
+            activation="sigmoid",
+            encoder_weights=None,
+        )
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    if precision != "fp32":
+        # Under a mixed policy segmentation_models' sigmoid would output bfloat16; recompute it
+        # in float32 from the last convolution so the loss and the saved model see float32.
+        logits = unet.get_layer("final_conv").output
+        probabilities = tf.keras.layers.Activation(
+            "sigmoid", dtype="float32", name="pneumo_sigmoid_float32"
+        )(logits)
+        unet = tf.keras.Model(unet.input, probabilities, name=unet.name)
+    if weights_path is not None:
+        load_encoder_weights(unet, encoder, weights_path)
+    return unet
+
+
+def save_model(model: Any, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` (without optimizer) to a ``.keras`` file atomically.
+
+    Raises:
+        OutputError: the folder cannot be written.
+    """
+    from pneumo_cli.errors import OutputError
+    from pneumo_cli.files import TEMP_PREFIX
+
+    tf = import_tf()
+    target = Path(path)
+    tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}")
+    # A fresh, uncompiled Model over the same layers: the .keras file then holds the network
+    # only (the optimizer state of a run is checkpointed separately, for --resume).
+    bare = tf.keras.Model(model.inputs, model.outputs, name=model.name)
+    try:
+        bare.save(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        from pneumo_cli.files import describe_os_error
+
+        raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` model written by pneumo, for inference (not compiled, safe mode).
+
+    Raises:
+        InputError: the file is missing or not a Keras model.
+    """
+    tf = import_tf()
+    import_sm()  # registers the custom objects of segmentation_models' encoders
+    from pneumo_cli import losses
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file; was it written by `pneumo train`?")
+    try:
+        return tf.keras.models.load_model(
+            path, compile=False, safe_mode=True, custom_objects=losses.custom_objects()
+        )
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(f"{path}: not a readable Keras model ({reason})") from None

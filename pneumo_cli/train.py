@@ -1,0 +1,466 @@
+"""Training the U-Net on a cache: `pneumo train` as a library function.
+
+:func:`train` starts a run and :func:`resume_training` continues one; both end in :func:`_fit`,
+which runs Keras ``fit`` under the strategy
+:func:`pneumo_cli.distribute.make_strategy` chose and records every epoch
+in the run folder (history, last/best model, optimizer checkpoint, curves, summary). Validation
+reports the SIIM per-image Dice (:mod:`pneumo_cli.losses`), which also drives model selection,
+early stopping and the optional learning-rate reduction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pneumo_cli import __version__, data, losses, model, runs
+from pneumo_cli.config import from_dict, to_dict
+from pneumo_cli.distribute import make_strategy
+from pneumo_cli.errors import ConfigError
+from pneumo_cli.files import atomic_write_json
+
+STATE_FILE = "state.json"
+STATE_DIR = "state"
+FINISHED = ("completed", "early_stopped")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting with its default (the paper's where it has one)."""
+
+    cache: str = "cache"
+    encoder: str = model.DEFAULT_ENCODER
+    encoder_weights: str = "imagenet"
+    image_size: int | None = None  # None: the cache's image size
+    loss: str = "bce"
+    lr: float = 1e-4
+    epochs: int = 50
+    batch_size: int = 16  # per replica
+    steps_per_epoch: int | None = None  # None: one pass over the training images
+    patience: int = 10  # epochs without a better val Dice before stopping; 0 = never
+    reduce_lr_patience: int = 0  # epochs without improvement before halving lr; 0 = off
+    reduce_lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    seed: int = 0
+    augment: bool = True
+    pos_fraction: str | None = None  # "0.8" or "0.8:0.4"; None: natural frequency
+    precision: str = "fp32"
+    gpus: int | None = None  # None: first GPU if one is visible, else CPU
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) training call reports."""
+
+    run_dir: str
+    status: str
+    epochs_done: int
+    best_epoch: int | None
+    best_val_dice: float | None
+    seconds: float
+    images_per_s: float | None
+
+
+class TrainReporter(Protocol):
+    """Receives progress; the command layer renders it (library code never prints)."""
+
+    def note(self, message: str) -> None: ...
+
+    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def step_done(self, step: int, logs: dict[str, float]) -> None: ...
+
+    def epoch_done(self, row: dict[str, Any], epochs: int) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that ignores everything."""
+
+    def note(self, message: str) -> None:
+        pass
+
+    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step_done(self, step: int, logs: dict[str, float]) -> None:
+        pass
+
+    def epoch_done(self, row: dict[str, Any], epochs: int) -> None:
+        pass
+
+
+def config_from_run(saved: dict[str, Any], source: str = "config.json") -> TrainConfig:
+    """The :class:`TrainConfig` recorded in a run's config.json."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return from_dict(TrainConfig, {k: v for k, v in saved.items() if k in names}, source)
+
+
+def _check_settings(config: TrainConfig) -> None:
+    model.check_encoder(config.encoder)
+    losses.get_loss(config.loss)
+    data.parse_pos_fraction(config.pos_fraction)
+    if config.precision not in model.PRECISIONS:
+        raise ConfigError(
+            f"--precision {config.precision}: choose one of {', '.join(model.PRECISIONS)}"
+        )
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ConfigError("--steps-per-epoch must be at least 1")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr {config.lr} must be positive")
+
+
+def _load_data(config: TrainConfig) -> tuple[data.CacheInfo, list, list]:
+    cache = data.read_cache(config.cache)
+    if config.image_size is not None and config.image_size != cache.image_size:
+        raise ConfigError(
+            f"cache {cache.folder} holds {cache.image_size} px images but --image-size is "
+            f"{config.image_size}; drop --image-size or preprocess again at that size"
+        )
+    train_records = data.select_split(cache, config.train_split, need_positive=True)
+    val_records = data.select_split(cache, config.val_split)
+    return cache, train_records, val_records
+
+
+def _compile(net: Any, config: TrainConfig) -> Any:
+    tf = model.import_tf()
+    optimizer = tf.keras.optimizers.Adam(learning_rate=config.lr)
+    net.compile(
+        optimizer=optimizer,
+        loss=losses.get_loss(config.loss),
+        metrics=[losses.make_dice_metric(), losses.make_dice_metric(positives_only=True)],
+    )
+    optimizer.build(net.trainable_variables)
+    return optimizer
+
+
+def train(
+    config: TrainConfig,
+    runs_dir: str | Path = runs.DEFAULT_RUNS_DIR,
+    name: str | None = None,
+    exist_ok: bool = False,
+    reporter: TrainReporter | None = None,
+    cpu_replicas: int = 1,
+) -> TrainResult:
+    """Train a new run on ``config.cache`` and write it under ``runs_dir``.
+
+    Returns:
+        The run's :class:`TrainResult`.
+
+    Raises:
+        InputError: missing/malformed cache, missing split, no positive training image.
+        ConfigError: bad setting, image size mismatch, unknown encoder, weights that do not fit
+            or cannot be obtained, too many GPUs.
+        OutputError: run name taken (without ``exist_ok``), unwritable runs folder.
+        KeyboardInterrupt: after saving last.keras and the state (status "interrupted").
+    """
+    reporter = reporter or SilentReporter()
+    _check_settings(config)
+    cache, train_records, val_records = _load_data(config)
+    config = dataclasses.replace(config, cache=str(cache.folder), image_size=cache.image_size)
+    runs.check_run_name(runs_dir, name, exist_ok)  # before the slow model build
+    strategy, where = make_strategy(config.gpus, cpu_replicas)
+    scaling = model.input_scaling_for(config.encoder)
+    model.import_tf().keras.utils.set_random_seed(config.seed)  # initial decoder weights
+    with strategy.scope():
+        net = model.build_model(
+            config.encoder,
+            cache.image_size,
+            config.encoder_weights,
+            config.precision,
+            notify=reporter.note,
+        )
+        optimizer = _compile(net, config)
+    run_dir = runs.create_run_dir(runs_dir, name, exist_ok)
+    replicas = strategy.num_replicas_in_sync
+    saved = {
+        **to_dict(config),
+        "input_scaling": scaling,
+        "keras_engine": model.keras_engine(),
+        "cache_manifest_sha256": cache.manifest_sha256,
+        "preprocess": cache.settings,
+        "replicas": replicas,
+        "global_batch_size": config.batch_size * replicas,
+        "strategy": where,
+        "train_images": len(train_records),
+        "val_images": len(val_records),
+        "versions": model.package_versions(),
+        "pneumo_version": __version__,
+    }
+    atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
+    for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / stale).unlink()
+    runs.mark_latest(run_dir)
+    reporter.note(f"training {config.encoder} U-Net on {where}; writing {run_dir}")
+    state = {
+        "epoch": 0,
+        "best_epoch": None,
+        "best_val_dice": None,
+        "since_best": 0,
+        "plateau_wait": 0,
+        "seconds": 0.0,
+    }
+    return _fit(run_dir, config, scaling, strategy, net, optimizer, state, [], reporter)
+
+
+def resume_training(
+    run: str | Path | None,
+    runs_dir: str | Path = runs.DEFAULT_RUNS_DIR,
+    reporter: TrainReporter | None = None,
+    gpus: int | None = None,
+    cpu_replicas: int = 1,
+) -> TrainResult:
+    """Continue an unfinished run from its last epoch: weights, optimizer state, epoch count.
+
+    Args:
+        run: the run folder (None = the latest run under ``runs_dir``).
+        gpus: override the run's device choice (the global batch then changes with it).
+
+    Raises:
+        ConfigError: not a run, a run without saved state, a finished run, or a cache whose
+            manifest changed since the run started.
+    """
+    reporter = reporter or SilentReporter()
+    run_dir = runs.resolve_run(run, runs_dir)
+    saved = runs.load_run_config(run_dir)
+    config = config_from_run(saved, str(run_dir / runs.CONFIG_FILE))
+    state = _read_state(run_dir)
+    if state["status"] in FINISHED:
+        raise ConfigError(
+            f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
+            f"{state['epoch']} epoch(s)); start a new run instead of --resume"
+        )
+    if gpus is not None:
+        config = dataclasses.replace(config, gpus=gpus)
+    cache, _, _ = _load_data(config)
+    if cache.manifest_sha256 != saved.get("cache_manifest_sha256"):
+        raise ConfigError(
+            f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
+            "train on other data: start a new run"
+        )
+    strategy, where = make_strategy(config.gpus, cpu_replicas)
+    tf = model.import_tf()
+    with strategy.scope():
+        net = model.build_model(config.encoder, cache.image_size, "none", config.precision)
+        optimizer = _compile(net, config)
+        checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
+        checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
+    history = [row for row in runs.read_history(run_dir) if row["epoch"] <= state["epoch"]]
+    reporter.note(f"resuming {run_dir} at epoch {state['epoch'] + 1} on {where}")
+    runs.mark_latest(run_dir)
+    scaling = saved["input_scaling"]
+    return _fit(run_dir, config, scaling, strategy, net, optimizer, state, history, reporter)
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("epoch", "checkpoint", "status"):
+            state[key]  # noqa: B018 - presence check
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{run_dir} has no {STATE_FILE}: it stopped before saving any state; start a new run"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable training state ({exc})") from None
+    return state
+
+
+def _better(value: float, best: float | None) -> bool:
+    return not math.isnan(value) and (best is None or value > best)
+
+
+class _Recorder:
+    """Everything that happens at the end of an epoch, independent of Keras."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: TrainConfig,
+        net: Any,
+        optimizer: Any,
+        state: dict[str, Any],
+        history: list[dict[str, Any]],
+        global_batch: int,
+        steps: int,
+        reporter: TrainReporter,
+    ) -> None:
+        self.run_dir, self.config, self.net, self.optimizer = run_dir, config, net, optimizer
+        self.state, self.history = state, history
+        self.global_batch, self.steps, self.reporter = global_batch, steps, reporter
+        self.epoch_start = self.train_end = time.perf_counter()
+        self.stop = False
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch_start = time.perf_counter()
+        self.reporter.epoch_started(epoch, self.config.epochs, self.steps)
+
+    def end_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        seconds = self.train_end - self.epoch_start
+        lr = float(model.import_tf().keras.backend.get_value(self.optimizer.learning_rate))
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - self.epoch_start, 3),
+            "images_per_s": round(self.steps * self.global_batch / max(seconds, 1e-9), 3),
+        }
+        for key in runs.HISTORY_COLUMNS[1:7]:
+            row[key] = float(logs.get(key, float("nan")))
+        state = self.state
+        state["epoch"], state["seconds"] = epoch + 1, state["seconds"] + row["seconds"]
+        if _better(row["val_dice"], state["best_val_dice"]):
+            state.update(best_epoch=epoch + 1, best_val_dice=row["val_dice"], since_best=0)
+            state["plateau_wait"] = 0
+            model.save_model(self.net, self.run_dir / "best.keras")
+        else:
+            state["since_best"] += 1
+            state["plateau_wait"] += 1
+        self.history.append(row)
+        status = "running"
+        if epoch + 1 >= self.config.epochs:
+            status = "completed"
+        elif self.config.patience and state["since_best"] >= self.config.patience:
+            status, self.stop = "early_stopped", True
+        elif (
+            self.config.reduce_lr_patience
+            and state["plateau_wait"] >= self.config.reduce_lr_patience
+        ):
+            new_lr = max(lr * self.config.reduce_lr_factor, self.config.min_lr)
+            self.optimizer.learning_rate.assign(new_lr)
+            state["plateau_wait"] = 0
+            self.reporter.note(f"validation Dice flat: learning rate {lr:.3g} -> {new_lr:.3g}")
+        self.save_state(status)
+        self.reporter.epoch_done(row, self.config.epochs)
+
+    def save_state(self, status: str) -> None:
+        """Write last.keras, the optimizer checkpoint, history, curves, then state.json."""
+        tf = model.import_tf()
+        model.save_model(self.net, self.run_dir / "last.keras")
+        prefix = f"{STATE_DIR}/epoch-{self.state['epoch']:04d}"
+        checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer)
+        checkpoint.write(str(self.run_dir / prefix))
+        runs.write_history(self.run_dir, self.history)
+        if self.history:
+            runs.plot_curves(self.run_dir, self.history)
+        self.state.update(checkpoint=prefix, status=status)
+        atomic_write_json(self.run_dir / STATE_FILE, self.state)
+        for old in (self.run_dir / STATE_DIR).glob("epoch-*"):
+            if not old.name.startswith(Path(prefix).name + "."):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        self.write_summary()
+
+    def write_summary(self) -> TrainResult:
+        speeds = [row["images_per_s"] for row in self.history]
+        best = self.state["best_epoch"]
+        best_row = self.history[best - 1] if best and best <= len(self.history) else {}
+        result = TrainResult(
+            run_dir=str(self.run_dir),
+            status=self.state["status"],
+            epochs_done=self.state["epoch"],
+            best_epoch=best,
+            best_val_dice=self.state["best_val_dice"],
+            seconds=round(self.state["seconds"], 3),
+            images_per_s=round(sum(speeds) / len(speeds), 3) if speeds else None,
+        )
+        summary = {
+            **dataclasses.asdict(result),
+            "best_val_pos_dice": best_row.get("val_pos_dice"),
+            "best_val_loss": best_row.get("val_loss"),
+            "epochs": self.config.epochs,
+        }
+        atomic_write_json(self.run_dir / "summary.json", _json_safe(summary))
+        return result
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _keras_callback(recorder: _Recorder) -> Any:
+    tf = model.import_tf()
+
+    class _Bridge(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            recorder.begin_epoch(epoch)
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            recorder.train_end = time.perf_counter()
+            recorder.reporter.step_done(batch + 1, {k: float(v) for k, v in (logs or {}).items()})
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            recorder.end_epoch(epoch, logs or {})
+            if recorder.stop:
+                self.model.stop_training = True
+
+    return _Bridge()
+
+
+def _fit(
+    run_dir: Path,
+    config: TrainConfig,
+    scaling: str,
+    strategy: Any,
+    net: Any,
+    optimizer: Any,
+    state: dict[str, Any],
+    history: list[dict[str, Any]],
+    reporter: TrainReporter,
+) -> TrainResult:
+    cache, train_records, val_records = _load_data(config)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    steps = config.steps_per_epoch or max(1, math.ceil(len(train_records) / global_batch))
+    train_data = data.make_train_dataset(
+        train_records,
+        cache.image_size,
+        scaling,
+        global_batch,
+        steps,
+        seed=config.seed,
+        first_epoch=state["epoch"],
+        epochs=config.epochs,
+        augment=config.augment,
+        pos_fraction=data.parse_pos_fraction(config.pos_fraction),
+    )
+    val_data = data.make_eval_dataset(val_records, cache.image_size, scaling, global_batch)
+    recorder = _Recorder(
+        run_dir, config, net, optimizer, state, history, global_batch, steps, reporter
+    )
+    state.setdefault("status", "running")
+    try:
+        net.fit(
+            train_data.dataset,
+            validation_data=val_data.dataset,
+            epochs=config.epochs,
+            initial_epoch=state["epoch"],
+            steps_per_epoch=steps,
+            callbacks=[_keras_callback(recorder)],
+            verbose=0,
+        )
+    except KeyboardInterrupt:
+        if state["epoch"] == 0:
+            recorder.save_state("interrupted")  # keep what the first partial epoch learnt
+        else:
+            state["status"] = "interrupted"
+            atomic_write_json(run_dir / STATE_FILE, state)
+            recorder.write_summary()
+        raise
+    return recorder.write_summary()

@@ -1,0 +1,151 @@
+"""Exit codes of every finished command with typical bad arguments: 0 success, 1 bad input or
+data (one line on stderr), 2 usage error (Click's usage hint plus one 'Error:' line). Never a
+traceback."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumo_cli.cli import app
+from pneumo_cli.dicom_io import write_dicom
+from pneumo_cli.files import write_mask_png
+from tests.robustness.conftest import fake_xray, run_pneumo
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("codes")
+    (root / "good.csv").write_text("ImageId,EncodedPixels\na,1 2\nb,-1\n")
+    (root / "bad_row.csv").write_text("ImageId,EncodedPixels\na,1 2 3\n")
+    (root / "other.csv").write_text("ImageId,EncodedPixels\nz,-1\n")
+    (root / "empty.csv").write_text("")
+    (root / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
+    (root / "broken.csv.gz").write_bytes(gzip.compress(b"ImageId,EncodedPixels\na,1 1\n")[:-12])
+    (root / "a_file").write_text("not a folder")
+    for name in ("masks", "mixed", "empty_dir", "raw", "raw_empty"):
+        (root / name).mkdir()
+    write_mask_png(root / "masks" / "a.png", np.eye(4, dtype=np.uint8))
+    write_mask_png(root / "mixed" / "a.png", np.eye(4, dtype=np.uint8))
+    write_mask_png(root / "mixed" / "b.png", np.eye(5, dtype=np.uint8))
+    write_dicom(root / "raw" / "a.dcm", fake_xray(np.random.default_rng(0), 160))
+    (root / "raw_empty" / "notes.txt").write_text("no images here")
+    (root / "exists.csv").write_text("keep me")
+    return root
+
+
+def F(name: str) -> str:  # noqa: N802 - reads like a placeholder in the table below
+    return "{" + name + "}"
+
+
+CASES = [
+    # rle-decode
+    ("rle-decode", [F("good.csv"), F("out"), "--width", "2", "--height", "2"], 0),
+    ("rle-decode", [F("missing.csv"), F("out")], 1),
+    ("rle-decode", [F("masks"), F("out")], 1),  # a folder, not a CSV
+    ("rle-decode", [F("bad_row.csv"), F("out")], 1),
+    ("rle-decode", [F("empty.csv"), F("out")], 1),
+    ("rle-decode", [F("binary.csv"), F("out")], 1),
+    ("rle-decode", [F("broken.csv.gz"), F("out")], 1),
+    ("rle-decode", [F("good.csv"), F("a_file")], 1),  # output is a file
+    ("rle-decode", [F("good.csv"), F("out"), "--width", "1", "--height", "1"], 1),  # too small
+    ("rle-decode", [F("good.csv"), F("out"), "--width", "0"], 2),
+    ("rle-decode", [F("good.csv"), F("out"), "--workers", "0"], 2),
+    ("rle-decode", [F("good.csv")], 2),
+    ("rle-decode", [F("good.csv"), F("out"), "--bogus"], 2),
+    # rle-encode
+    ("rle-encode", [F("masks"), F("out.csv")], 0),
+    ("rle-encode", [F("missing"), F("out.csv")], 1),
+    ("rle-encode", [F("empty_dir"), F("out.csv")], 1),
+    ("rle-encode", [F("mixed"), F("out.csv")], 1),  # masks of two sizes
+    ("rle-encode", [F("masks"), F("exists.csv")], 1),  # exists, no --overwrite
+    ("rle-encode", [F("masks"), F("out.csv"), "--threshold", "300"], 2),
+    ("rle-encode", [F("masks")], 2),
+    # preprocess
+    ("preprocess", [F("raw"), F("cache"), "-j", "1", "--image-size", "32", "--min-size", "64"], 0),
+    ("preprocess", [F("missing"), F("cache")], 1),
+    ("preprocess", [F("a_file"), F("cache")], 1),
+    ("preprocess", [F("raw_empty"), F("cache")], 1),
+    ("preprocess", [F("raw"), F("raw") + "/cache"], 1),  # cache inside raw
+    ("preprocess", [F("raw"), F("cache"), "--rle", F("missing.csv")], 1),
+    ("preprocess", [F("raw"), F("cache"), "--rle", F("bad_row.csv"), "--min-size", "64"], 1),
+    ("preprocess", [F("raw"), F("cache"), "--masks", F("missing")], 1),
+    ("preprocess", [F("raw"), F("cache"), "--strict", "--min-size", "4000"], 1),
+    ("preprocess", [F("raw"), F("cache"), "--rle", F("good.csv"), "--masks", F("masks")], 2),
+    ("preprocess", [F("raw"), F("cache"), "--image-size", "8"], 2),
+    ("preprocess", [F("raw"), F("cache"), "--val-fraction", "0.6", "--test-fraction", "0.6"], 2),
+    ("preprocess", [F("raw"), F("cache"), "--folds", "1"], 2),
+    ("preprocess", [F("raw")], 2),
+    # overlay
+    ("overlay", [F("raw"), "--masks", F("masks"), "--out", F("ov")], 0),
+    ("overlay", [F("raw"), "--masks", F("missing"), "--out", F("ov")], 1),
+    ("overlay", [F("missing"), "--masks", F("masks"), "--out", F("ov")], 1),
+    ("overlay", [F("raw_empty"), "--masks", F("masks"), "--out", F("ov")], 1),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--out", F("raw") + "/ov"], 1),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--truth", F("missing")], 1),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--rle", F("empty.csv"), "--out", F("ov")], 1),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--format", "gif"], 2),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--max-size", "8"], 2),
+    ("overlay", [F("raw"), "--masks", F("masks"), "--truth", F("masks"), "--rle", F("good.csv")],
+     2),
+    ("overlay", [F("raw")], 2),
+    ("overlay", ["--masks", F("masks")], 2),
+    # evaluate, offline
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("good.csv"), "--height", "2",
+                  "--width", "2", "--out", F("ev")], 0),
+    ("evaluate", ["--predictions", F("missing.csv"), "--truth", F("good.csv")], 1),
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("bad_row.csv")], 1),
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("other.csv")], 1),  # no common id
+    ("evaluate", ["--predictions", F("binary.csv"), "--truth", F("good.csv")], 1),
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("good.csv"), "--out", F("a_file")],
+     1),
+    ("evaluate", ["--predictions", F("good.csv")], 2),
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("good.csv"), "--run", "runs/x"], 2),
+    ("evaluate", ["--predictions", F("good.csv"), "--truth", F("good.csv"), "--height", "0"], 2),
+    # the app itself
+    ("pneumo", ["nonsense"], 2),
+    ("pneumo", ["--version"], 0),
+]  # fmt: skip
+
+
+def _fill(arg: str, root: Path, tmp: Path) -> str:
+    if not arg.startswith("{"):
+        return arg
+    name, _, rest = arg[1:].partition("}")
+    base = root if (root / name).exists() or name.startswith("missing") else tmp
+    return str(base / name) + rest
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "code"), CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)]
+)
+def test_exit_code_and_message(command, args, code, files: Path, tmp_path: Path) -> None:
+    argv = ([] if command == "pneumo" else [command]) + [_fill(a, files, tmp_path) for a in args]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert len(lines[0]) < 600
+    elif code == 2:
+        errors = [line for line in lines if line.startswith("Error: ")]
+        assert len(errors) == 1, result.stderr
+        assert lines[0].startswith("Usage: ")
+
+
+def test_exit_codes_in_a_real_process(files: Path, tmp_path: Path) -> None:
+    """The same boundary in a real process (no CliRunner): stderr carries exactly one line."""
+    done = run_pneumo("rle-decode", files / "bad_row.csv", tmp_path / "out")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "line 2 (ImageId 'a'): odd number of tokens (3)" in done.stderr
+    usage = run_pneumo("overlay", files / "raw", "--masks", files / "masks", "--format", "gif")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

@@ -1,0 +1,125 @@
+"""Patient privacy: names, IDs, birth dates, institutions and accession numbers in the DICOM
+headers never reach an artifact or the console, whatever the command; `preprocess --keep-phi`
+is the one way to keep them, in CACHE/phi.csv only."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumo_cli.cli import app
+from pneumo_cli.dicom_io import PHI_FIELDS, write_dicom
+from tests.robustness.conftest import fake_xray, run_pneumo, write_rle_csv
+
+runner = CliRunner()
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
+
+
+def phi_of(i: int) -> dict[str, str]:
+    return {
+        "PatientID": f"PHI-ID-4815162{i}",
+        "PatientName": f"Fakeperson^Jolene{i}",
+        "PatientBirthDate": f"1923041{i}",
+        "InstitutionName": "Hospital of Saint Nowhere",
+        "AccessionNumber": f"ACC-2342-XYZ{i}",
+    }
+
+
+# Every value, and the parts a formatter might split them into.
+NEEDLES = ["PHI-ID-481516", "4815162", "Fakeperson", "Jolene", "1923041", "Saint Nowhere",
+           "Nowhere", "ACC-2342", "2342-XYZ"]  # fmt: skip
+
+
+def leaks(data: bytes) -> list[str]:
+    lowered = data.lower()
+    return [needle for needle in NEEDLES if needle.lower().encode() in lowered]
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 good DICOMs with patient fields, plus a truncated one, a constant one and a duplicate
+    SOPInstanceUID, each with patient fields too (rejection messages must not leak them)."""
+    root = tmp_path_factory.mktemp("phi") / "raw"
+    root.mkdir()
+    rng = np.random.default_rng(9)
+    for i in range(5):
+        fields = phi_of(i)
+        write_dicom(root / f"p{i}.dcm", fake_xray(rng, 256, border=6), sop_uid=f"1.2.9.{i}",
+                    patient_id=fields["PatientID"], extra=fields)  # fmt: skip
+    bad = phi_of(7)
+    write_dicom(root / "trunc.dcm", fake_xray(rng, 256), patient_id=bad["PatientID"], extra=bad)
+    data = (root / "trunc.dcm").read_bytes()
+    (root / "trunc.dcm").write_bytes(data[: len(data) - 4000])
+    flat = np.full((256, 256), 90, np.uint8)
+    write_dicom(root / "flat.dcm", flat, patient_id=bad["PatientID"], extra=bad)
+    write_dicom(root / "zdup.dcm", fake_xray(rng, 256), sop_uid="1.2.9.0",
+                patient_id=bad["PatientID"], extra=bad)  # fmt: skip
+    assert all(leaks((root / f"p{i}.dcm").read_bytes()) for i in range(5))  # the test can fail
+    return root
+
+
+def test_no_command_writes_or_prints_patient_fields(raw: Path, tmp_path: Path) -> None:
+    ids = [f"p{i}" for i in range(5)] + ["nolabel"]
+    labels = tmp_path / "labels.csv"
+    write_rle_csv(labels, ids, 256, seed=1)
+    cache, masks, ov = tmp_path / "cache", tmp_path / "masks", tmp_path / "overlays"
+    runs = [
+        ["preprocess", raw, cache, "--rle", labels, "--workers", "2", "--json"],
+        ["preprocess", raw, cache, "--rle", labels, "--workers", "1"],  # table, all reused
+        ["preprocess", raw, cache, "--rle", labels, "--image-size", "64"],  # refused: settings
+        ["preprocess", raw, cache, "--rle", labels, "--strict"],  # refused: rejections
+        ["rle-decode", labels, masks, "--width", "256", "--height", "256", "--json"],
+        ["rle-encode", cache / "masks", tmp_path / "cache_masks.csv", "--json"],
+        ["rle-encode", masks, tmp_path / "pred.csv"],
+        ["overlay", raw, "--masks", masks, "--rle", labels, "--out", ov, "--json"],
+        ["overlay", raw, "--masks", masks, "--out", ov, "--overwrite"],
+        ["evaluate", "--predictions", tmp_path / "pred.csv", "--truth", cache / "truth.csv",
+         "--height", "256", "--width", "256", "--allow-missing", "--out", tmp_path / "ev"],
+        ["evaluate", "--predictions", tmp_path / "pred.csv", "--truth", cache / "truth.csv",
+         "--height", "256", "--width", "256", "--allow-missing", "--json"],
+    ]  # fmt: skip
+    codes = []
+    for number, args in enumerate(runs):
+        if number == 0:  # a real process with worker processes
+            done = run_pneumo(*args)
+            code, console = done.returncode, (done.stdout + done.stderr).encode()
+        else:  # in-process is faster and captures the same streams (and logging's fallback)
+            result = runner.invoke(app, [str(arg) for arg in args])
+            code, console = result.exit_code, (result.stdout + result.stderr).encode()
+        codes.append(code)
+        assert leaks(console) == [], f"pneumo {args[0]} printed patient fields: {console[:300]}"
+    assert codes == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    rejected = (cache / "rejected.csv").read_text()
+    assert "trunc.dcm" in rejected and "flat.dcm" in rejected and "zdup.dcm" in rejected
+    artifacts = [p for p in tmp_path.rglob("*") if p.is_file() and p != labels]
+    assert len(artifacts) > 30
+    found = {str(p.relative_to(tmp_path)): leaks(p.read_bytes()) for p in artifacts}
+    assert {name: hits for name, hits in found.items() if hits} == {}
+    assert not (cache / "phi.csv").exists()
+
+
+def test_keep_phi_writes_the_fields_to_phi_csv_only(raw: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    done = run_pneumo("preprocess", raw, cache, "--keep-phi", "--workers", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["phi_csv"] == str(cache / "phi.csv")
+    assert leaks((done.stdout + done.stderr).encode()) == []
+    rows = list(csv.DictReader(io.StringIO((cache / "phi.csv").read_text())))
+    assert [row["ImageId"] for row in rows] == [f"p{i}" for i in range(5)]
+    for i, row in enumerate(rows):
+        assert row["source"] == f"p{i}.dcm"
+        assert {name: row[name] for name in PHI_FIELDS} == phi_of(i)
+    others = [p for p in cache.rglob("*") if p.is_file() and p.name != "phi.csv"]
+    assert {str(p): leaks(p.read_bytes()) for p in others if leaks(p.read_bytes())} == {}
+
+    again = run_pneumo("preprocess", raw, cache, "--workers", "1", "-q")  # without --keep-phi
+    assert again.returncode == 0, again.stderr
+    assert not (cache / "phi.csv").exists()
+    assert not [p for p in cache.rglob("*") if p.is_file() and leaks(p.read_bytes())]

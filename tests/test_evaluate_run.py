@@ -1,0 +1,89 @@
+"""`pneumo evaluate` on a trained run (model mode): tuning, both resolutions, outputs, refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from pneumo_cli.cli import app
+from pneumo_cli.evaluate import score_submission
+from pneumo_cli.postprocess import load_gate
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_tune_then_score_val(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    result = invoke("evaluate", "--run", run, "--split", "val", "--tune", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    out = run / "eval-val"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # The winner is saved for predict and reported with the numbers it was scored with.
+    gate = load_gate(run / "postprocess.json")
+    assert metrics["gate"] == {
+        "top_threshold": gate.top_threshold,
+        "min_area_px": gate.min_area_px,
+        "bottom_threshold": gate.bottom_threshold,
+        "min_component_area_px": gate.min_component_area_px,
+    }
+    assert metrics["tuning"]["grid_points"] == 5 * 5 * 5 * 3
+    best = metrics["tuning"]["best"]
+    assert best[0]["mean_dice"] >= best[-1]["mean_dice"]
+    manifest = pd.read_csv(tiny_run["cache"] / "manifest.csv")
+    labelled_val = manifest[(manifest["split"] == "val") & manifest["mask"].notna()]
+    assert metrics["n_images"] == len(labelled_val)
+    assert metrics["split"] == "val" and metrics["resolution"]["at"] == "original"
+    per_image = pd.read_csv(out / "per_image.csv")
+    assert sorted(per_image["ImageId"]) == sorted(labelled_val["ImageId"])
+    # Original resolution: truth areas are the manifest's original-pixel areas.
+    areas = dict(zip(labelled_val["ImageId"], labelled_val["mask_area_px"], strict=True))
+    assert all(areas[r.ImageId] == r.truth_area for r in per_image.itertuples())
+    # The report links only files that exist.
+    html = (out / "report.html").read_text()
+    for target in re.findall(r'(?:src|href)="([^"#]+)"', html):
+        assert (out / target).is_file(), target
+    # Scoring the written predictions offline against the cache's truth gives the same number.
+    offline = score_submission(out / "predictions.csv", tiny_run["cache"] / "truth.csv", True,
+                               128, 128)  # fmt: skip
+    assert abs(offline.metrics["mean_dice"] - metrics["mean_dice"]) < 1e-12
+
+
+def test_score_test_at_model_resolution(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    result = invoke(
+        "evaluate", "--run", tiny_run["run"], "--split", "test", "--at", "model",
+        "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["resolution"] == {"at": "model", "height": 64, "width": 64}
+    assert 0.0 <= metrics["mean_dice"] <= 1.0
+    assert not (tiny_run["run"] / "eval-test").exists()  # --out was honoured
+
+
+def test_refusals(tiny_run, tmp_path):
+    result = invoke("evaluate", "--run", tiny_run["run"], "--split", "test", "--tune")
+    assert result.exit_code == 1 and "--tune on the test split is refused" in result.output
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_run["cache"], cache)
+    manifest = pd.read_csv(cache / "manifest.csv")
+    manifest.loc[manifest["split"] == "val", "split"] = "train"
+    manifest.to_csv(cache / "manifest.csv", index=False)
+    result = invoke("evaluate", "--run", tiny_run["run"], "--cache", cache, "--split", "val")
+    assert result.exit_code == 1 and "has no images in split 'val'" in result.output
+    settings = json.loads((cache / "preprocess.json").read_text())
+    settings["settings"]["image_size"] = 96
+    (cache / "preprocess.json").write_text(json.dumps(settings))
+    result = invoke("evaluate", "--run", tiny_run["run"], "--cache", cache, "--split", "train")
+    assert result.exit_code == 1 and "preprocessed differently" in result.output
+    assert "image_size 96 vs 64" in result.output

@@ -1,0 +1,261 @@
+"""Training end to end: overfitting, run folders, resume, bad input, replicas (64 px, resnet18)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumo_cli import model, runs
+from pneumo_cli import train as training
+from pneumo_cli.cli import app
+from pneumo_cli.errors import ConfigError, InputError, OutputError
+from tests.cachefactory import Sample, synthetic_cache, write_cache
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(encoder="resnet18", encoder_weights="none", batch_size=4, lr=1e-3, augment=False)
+
+
+class Recorder:
+    """A reporter that keeps what it is told; can interrupt after a given epoch."""
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.first_step_loss: float | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.interrupt_after = interrupt_after
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step_done(self, step: int, logs: dict[str, float]) -> None:
+        if self.first_step_loss is None:
+            self.first_step_loss = logs["loss"]
+
+    def epoch_done(self, row: dict[str, Any], epochs: int) -> None:
+        self.rows.append(row)
+        if row["epoch"] == self.interrupt_after:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_cache(tmp_path_factory.mktemp("cache"), image_size=64, n_train=8, n_val=4)
+
+
+def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_path: Path) -> None:
+    config = training.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
+    reporter = Recorder()
+    result = training.train(config, tmp_path / "runs", reporter=reporter)
+
+    history = runs.read_history(result.run_dir)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert reporter.first_step_loss / history[-1]["loss"] >= 5.0  # 60 steps
+    assert history[-1]["dice"] > 0.9  # per-image train Dice at 0.5
+    run_dir = tmp_path / "runs" / "train"
+    assert result.run_dir == str(run_dir) and result.status == "completed"
+    for name in ("config.json", "best.keras", "last.keras", "history.csv", "curves.png",
+                 "summary.json", "state.json"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert runs.resolve_run(None, tmp_path / "runs") == run_dir
+
+    saved = runs.load_run_config(run_dir)
+    assert saved["input_scaling"] == "raw-0-255"
+    assert saved["keras_engine"] == model.keras_engine()
+    assert saved["cache"] == str(cache.absolute()) and saved["image_size"] == 64
+    assert saved["preprocess"]["image_size"] == 64 and saved["precision"] == "fp32"
+    assert len(saved["cache_manifest_sha256"]) == 64
+    assert saved["versions"]["tensorflow"].startswith("2.")
+    resolved = training.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
+                                    steps_per_epoch=15, **FAST)  # fmt: skip
+    assert training.config_from_run(saved) == resolved  # config.json round-trips
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_done"] == 4 and summary["best_epoch"] == result.best_epoch
+    best_row = history[result.best_epoch - 1]
+    assert summary["best_val_dice"] == pytest.approx(best_row["val_dice"])
+    assert best_row["val_dice"] == max(row["val_dice"] for row in history)
+    assert summary["images_per_s"] > 0
+    with open(run_dir / "curves.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # last.keras is the final network: it predicts like a fresh load of itself and gives
+    # masks, not constants.
+    last = model.load_model(run_dir / "last.keras")
+    x = model.scale_input(cv2.imread(str(cache / "images/train000.png"), 0)[None, ..., None],
+                          "raw-0-255")  # fmt: skip
+    assert last.predict(x, verbose=0).shape == (1, 64, 64, 1)
+
+
+def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> None:
+    config = training.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
+                                  **{**FAST, "augment": True})  # fmt: skip
+    straight = training.train(config, tmp_path, name="straight")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, tmp_path, name="broken", reporter=Recorder(interrupt_after=2))
+    broken = tmp_path / "broken"
+    assert json.loads((broken / "state.json").read_text())["status"] == "interrupted"
+    assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
+    assert len(runs.read_history(broken)) == 2
+
+    reporter = Recorder()
+    resumed = training.resume_training(broken, tmp_path, reporter=reporter)
+    assert [row["epoch"] for row in reporter.rows] == [3, 4]  # did not restart at epoch 1
+    assert resumed.epochs_done == 4 and resumed.status == "completed"
+    ours, theirs = runs.read_history(broken), runs.read_history(straight.run_dir)
+    assert [row["epoch"] for row in ours] == [1, 2, 3, 4]
+    for column in ("loss", "dice"):
+        np.testing.assert_allclose(
+            [r[column] for r in ours], [r[column] for r in theirs], rtol=2e-3
+        )
+    assert runs.resolve_run(None, tmp_path) == broken  # resuming makes it the latest
+
+    with pytest.raises(ConfigError, match="has finished already .completed after 4 epoch"):
+        training.resume_training(broken, tmp_path)
+    with pytest.raises(ConfigError, match="is not a pneumo run"):
+        training.resume_training(cache, tmp_path)
+
+
+def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> None:
+    config = training.TrainConfig(cache=str(cache), **FAST)
+    with pytest.raises(ConfigError, match="holds 64 px images but --image-size is 128"):
+        training.train(training.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
+    with pytest.raises(InputError, match="no labelled images in split 'holdout'"):
+        training.train(
+            training.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path
+        )
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError, match="exists already; choose another --name"):
+        training.train(config, tmp_path, name="taken")
+    with pytest.raises(ConfigError, match="unknown loss 'dice'; choose one of: bce, bce-dice"):
+        training.train(training.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"--gpus 3 asks for more GPUs than are visible \(0: none\)"
+    ):
+        training.train(training.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
+    rng = np.random.default_rng(0)
+    blank = np.zeros((64, 64), np.uint8)
+    splits = ["val", "train", "train"]
+    empty = [Sample(f"n{i}", rng.integers(0, 255, (64, 64), np.uint8), blank, splits[i])
+             for i in range(3)]  # fmt: skip
+    negatives = write_cache(tmp_path / "negatives", empty, 64)
+    with pytest.raises(InputError, match="split 'train' has no image with a pneumothorax"):
+        training.train(training.TrainConfig(cache=str(negatives), **FAST), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["negatives", "taken"]  # no run made
+
+
+def test_cli_trains_with_json_output_and_reports_errors_in_one_line(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    os.symlink(cache, tmp_path / "cache")  # the default ./cache
+    runner = CliRunner()
+    args = ["train", "--encoder", "resnet18", "--encoder-weights", "none", "--epochs", "1",
+            "--steps-per-epoch", "1", "--batch-size", "2", "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["run_dir"] == "runs/train" and payload["epochs_done"] == 1
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "train").resolve()
+
+    finished = runner.invoke(app, ["train", "--resume", "runs/train"])
+    assert finished.exit_code == 1
+    assert finished.stderr.strip().count("\n") == 0
+    assert "has finished already" in finished.stderr
+    mixed = runner.invoke(app, ["train", "--resume", "runs/train", "--lr", "0.1"])
+    assert mixed.exit_code == 1 and "drop --lr" in mixed.stderr
+    missing = runner.invoke(app, ["train", "--cache", "elsewhere"])
+    assert missing.exit_code == 1 and "elsewhere does not exist" in missing.stderr
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import sys, json
+    import numpy as np
+    from pneumo_cli import model, losses
+    from pneumo_cli.distribute import make_strategy
+
+    replicas = int(sys.argv[1])
+    strategy, _ = make_strategy(0, cpu_replicas=replicas)
+    tf = model.import_tf()
+    tf.keras.utils.set_random_seed(0)
+    with strategy.scope():
+        net = model.build_model("resnet18", 64, encoder_weights=None)
+        net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=losses.bce_loss)
+    net.load_weights(sys.argv[2])
+    rng = np.random.default_rng(0)
+    half_x = rng.integers(0, 256, (2, 64, 64, 1)).astype(np.float32)
+    half_y = (rng.random((2, 64, 64, 1)) > 0.7).astype(np.float32)
+    # The same two images on each replica, so per-replica batch statistics equal the global ones.
+    x = model.scale_input(np.concatenate([half_x, half_x]), "raw-0-255")
+    y = np.concatenate([half_y, half_y])
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat(2)
+    history = net.fit(dataset, epochs=2, steps_per_epoch=1, verbose=0)
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync,
+                      "losses": history.history["loss"]}))
+    """
+)
+
+
+def test_mirrored_strategy_on_two_cpu_replicas_matches_one(tmp_path: Path) -> None:
+    tf = model.import_tf()
+    tf.keras.utils.set_random_seed(0)
+    weights = tmp_path / "start.h5"
+    model.build_model("resnet18", 64, encoder_weights=None).save_weights(weights)
+    results = {}
+    for replicas in (1, 2):  # logical CPU devices must exist before TF starts: a fresh process
+        done = subprocess.run(
+            [sys.executable, "-c", MIRRORED_SCRIPT, str(replicas), str(weights)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[replicas] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results[2]["replicas"] == 2
+    first_1, first_2 = results[1]["losses"][0], results[2]["losses"][0]
+    assert first_2 == pytest.approx(first_1, rel=1e-4)
+    # The second step uses the gradients all-reduced over both replicas.
+    assert results[2]["losses"][1] == pytest.approx(results[1]["losses"][1], rel=1e-3)
+
+
+def _real_cache(siim: Path, folder: Path, size: int) -> Path:
+    import pydicom
+
+    from pneumo_cli.rle import decode_union, read_rle_csv
+    from tests.conftest import REAL_TRAIN_AREAS
+
+    rows = read_rle_csv(siim / "csv" / "train-rle.csv.gz")
+    samples = []
+    for path in sorted((siim / "dicom-images-train").rglob("*.dcm")):
+        image_id = path.stem
+        pixels = pydicom.dcmread(path).pixel_array.astype(np.uint8)
+        full = decode_union([r.encoded for r in rows if r.image_id == image_id], 1024, 1024)
+        assert int(full.sum()) == REAL_TRAIN_AREAS[image_id]
+        image = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(full.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        split = "train" if full.any() else "val"
+        samples.append(Sample(image_id, image, (mask >= 0.5).astype(np.uint8), split))
+    return write_cache(folder, samples, size)
+
+
+def test_overfits_the_real_positive_siim_images(siim: Path, tmp_path: Path) -> None:
+    cache = _real_cache(siim, tmp_path / "cache", 128)
+    config = training.TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
+                                  **{**FAST, "batch_size": 2})  # fmt: skip
+    reporter = Recorder()
+    training.train(config, tmp_path / "runs", reporter=reporter)
+    history = runs.read_history(tmp_path / "runs" / "train")
+    assert reporter.first_step_loss / history[-1]["loss"] >= 5.0
+    assert history[-1]["dice"] > 0.9
