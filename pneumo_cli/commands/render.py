@@ -18,6 +18,18 @@ def print_summary(title: str, values: Mapping[str, object], as_json: bool) -> No
     table = Table(title=title, show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    for key, value in values.items():
+    for key, value in _flatten(values):
         table.add_row(key.replace("_", " "), str(value))
     stdout_console().print(table)
+
+
+def _flatten(values: Mapping[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    """Nested mappings become ``parent child`` rows, so a table stays two columns wide."""
+    rows: list[tuple[str, object]] = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows.extend(_flatten(value, f"{name} "))
+        else:
+            rows.append((name, value))
+    return rows

@@ -1,0 +1,457 @@
+"""`pneumo export`: a trained run -> a verified SavedModel, TFLite or ONNX model for deployment.
+
+The export is written into a temporary folder beside ``OUT``, loaded back with the runtime that
+will serve it (``export_runtime.load_runner``) and compared with the run's Keras model on fixed
+images: the run cache's validation images when the cache is still there, synthetic phantoms
+otherwise. Only an export that passes its parity check is renamed to ``OUT``; a failing one is
+deleted and the command exits 1. ``OUT/pneumo-model.json`` records what the model expects
+(input size and range, preprocessing settings), the post-processing gate, package versions and
+the parity results.
+
+Parity, per image set: the largest and mean absolute probability difference, the fraction of
+pixels whose post-processed mask agrees, and the mean per-image Dice between the Keras float32
+masks and the export's masks (two empty masks count as Dice 1). Tolerances per model kind are in
+:data:`TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli import __version__
+from pneumo_cli.config import PreprocessConfig, from_dict, to_dict
+from pneumo_cli.errors import ConfigError, InputError, OutputError, PneumoError
+from pneumo_cli.export_runtime import (
+    FORMATS,
+    INPUT_NAME,
+    MANIFEST_FILE,
+    OUTPUT_NAME,
+    QUANTIZATIONS,
+    load_runner,
+)
+from pneumo_cli.files import TEMP_PREFIX, atomic_write_json, describe_os_error
+from pneumo_cli.postprocess import POSTPROCESS_FILE, Gate, apply_gate, area_scale_for, load_gate
+
+MODEL_FILE = "best.keras"
+PARITY_IMAGES = 16
+CALIBRATION_IMAGES = 64
+# Gate areas are in original pixels; parity masks are made at the model's size as if the image
+# came from a 1024 x 1024 SIIM X-ray.
+PARITY_ORIGINAL_HW = (1024, 1024)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export must meet: probability differences (None: not checked) and agreement."""
+
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    min_mask_agreement: float
+
+
+TOLERANCES = {
+    "float32": Tolerance(max_abs_diff=1e-3, mean_abs_diff=None, min_mask_agreement=0.999),
+    "float16": Tolerance(max_abs_diff=1e-2, mean_abs_diff=1e-3, min_mask_agreement=0.998),
+    "int8": Tolerance(max_abs_diff=None, mean_abs_diff=0.03, min_mask_agreement=0.98),
+}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely an export reproduces the Keras float32 model on ``images`` inputs."""
+
+    inputs: str
+    images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    mask_agreement: float
+    dice_agreement: float
+    tolerance: Tolerance
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["failures"] = list(self.failures)
+        values["passed"] = self.passed
+        return values
+
+
+def dice_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-image Dice of two (N, H, W) {0,1} mask stacks; two empty masks score 1."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    scores = []
+    for first, second in zip(a, b, strict=True):
+        total = int(first.sum()) + int(second.sum())
+        overlap = int(np.logical_and(first, second).sum())
+        scores.append(1.0 if total == 0 else 2.0 * overlap / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def compare_probabilities(
+    reference: np.ndarray,
+    exported: np.ndarray,
+    gate: Gate,
+    tolerance: Tolerance,
+    inputs: str = "",
+    area_scale: float = 1.0,
+) -> Parity:
+    """Compare two (N, H, W) float32 probability stacks and check them against ``tolerance``.
+
+    Masks come from :func:`postprocess.apply_gate` with ``gate`` and ``area_scale``.
+    """
+    reference = np.asarray(reference, np.float32)
+    exported = np.asarray(exported, np.float32)
+    if reference.shape != exported.shape:
+        raise ConfigError(
+            f"exported model returns shape {exported.shape}, the Keras model {reference.shape}"
+        )
+    diff = np.abs(reference.astype(np.float64) - exported)
+    # NaN must fail the checks, so it becomes an infinite difference.
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    masks_ref = np.stack([apply_gate(p, gate, area_scale) for p in reference])
+    masks_exp = np.stack([apply_gate(np.nan_to_num(p), gate, area_scale) for p in exported])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    agreement = float(np.mean(masks_ref == masks_exp)) if diff.size else 1.0
+    failures = []
+    if tolerance.max_abs_diff is not None and not max_abs <= tolerance.max_abs_diff:
+        failures.append(f"max abs difference {max_abs:.3g} > {tolerance.max_abs_diff:g}")
+    if tolerance.mean_abs_diff is not None and not mean_abs <= tolerance.mean_abs_diff:
+        failures.append(f"mean abs difference {mean_abs:.3g} > {tolerance.mean_abs_diff:g}")
+    if agreement < tolerance.min_mask_agreement:
+        failures.append(
+            f"mask agreement {agreement:.4%} < {tolerance.min_mask_agreement:.2%} of pixels"
+        )
+    return Parity(
+        inputs=inputs,
+        images=len(reference),
+        max_abs_diff=max_abs,
+        mean_abs_diff=mean_abs,
+        mask_agreement=agreement,
+        dice_agreement=dice_agreement(masks_ref, masks_exp),
+        tolerance=tolerance,
+        failures=tuple(failures),
+    )
+
+
+def cache_images(
+    config: dict[str, Any], image_size: int, splits: tuple[str, ...], count: int
+) -> tuple[np.ndarray, str]:
+    """Up to ``count`` uint8 (N, S, S) images of the run's cache, from the first split that has
+    some, with a description; an empty array when the cache is gone or of another size."""
+    from pneumo_cli.files import read_grey_png
+
+    cache = config.get("cache")
+    empty = np.zeros((0, image_size, image_size), np.uint8)
+    if not cache or not (Path(cache) / "manifest.csv").is_file():
+        return empty, ""
+    from pneumo_cli.preprocess import load_manifest
+
+    try:
+        manifest = load_manifest(cache)
+    except PneumoError:
+        return empty, ""
+    for split in splits:
+        rows = manifest[manifest["split"] == split].sort_values("ImageId").head(count)
+        images = []
+        for relative in rows["image"]:
+            with contextlib.suppress(PneumoError):
+                image = read_grey_png(Path(cache) / relative)
+                if image.shape == (image_size, image_size):
+                    images.append(image)
+        if images:
+            return np.stack(images), f"{len(images)} {split} images of cache {cache}"
+    return empty, ""
+
+
+def synthetic_images(image_size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` uint8 (N, S, S) synthetic chest phantoms, every second one with pneumothorax."""
+    from pneumo_cli.synthetic import draw_phantom
+
+    rng = np.random.default_rng(seed)
+    size = max(image_size, 32)
+    images = [draw_phantom(rng, size, pneumothorax=i % 2 == 1).image for i in range(count)]
+    if size != image_size:
+        import cv2
+
+        images = [cv2.resize(i, (image_size, image_size), interpolation=cv2.INTER_AREA) for i in images]
+    return np.stack(images)
+
+
+def parity_images(config: dict[str, Any], image_size: int) -> tuple[np.ndarray, str]:
+    """The fixed parity inputs: cached validation images if any, else synthetic phantoms."""
+    images, description = cache_images(config, image_size, ("val", "test", "train"), PARITY_IMAGES)
+    if len(images):
+        return images, description
+    return synthetic_images(image_size, PARITY_IMAGES), f"{PARITY_IMAGES} synthetic phantoms"
+
+
+def calibration_images(config: dict[str, Any], image_size: int) -> tuple[np.ndarray, str]:
+    """int8 calibration inputs: the cache's training images, else synthetic phantoms."""
+    images, description = cache_images(
+        config, image_size, ("train", "val", "test"), CALIBRATION_IMAGES
+    )
+    if len(images):
+        return images, description
+    count = CALIBRATION_IMAGES
+    return synthetic_images(image_size, count, seed=1), f"{count} synthetic phantoms"
+
+
+def run_in_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """(N, S, S) float32 probabilities of uint8 (N, S, S) images through ``run``, 8 at a time."""
+    batches = []
+    for start in range(0, len(images), 8):
+        batch = images[start : start + 8].astype(np.float32)[..., np.newaxis]
+        batches.append(np.asarray(run(batch))[..., 0])
+    return np.concatenate(batches).astype(np.float32)
+
+
+@dataclass
+class ExportSummary:
+    """What ``export_run`` wrote and how the parity check went."""
+
+    run: str
+    format: str
+    quantize: str | None
+    out_dir: str
+    model: str
+    size_mb: float
+    parity: Parity
+    calibration: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: v for k, v in asdict(self).items() if k not in ("parity", "notes")}
+        parity = self.parity
+        values.update(
+            parity_inputs=parity.inputs,
+            parity_images=parity.images,
+            max_abs_diff=float(f"{parity.max_abs_diff:.3g}"),
+            mean_abs_diff=float(f"{parity.mean_abs_diff:.3g}"),
+            mask_agreement=round(parity.mask_agreement, 6),
+            dice_agreement=round(parity.dice_agreement, 6),
+            parity_passed=parity.passed,
+        )
+        return values
+
+
+def check_request(fmt: str, quantize: str | None) -> None:
+    """Refuse an unknown format or quantization, or quantization outside TFLite."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConfigError(
+            f"unknown --quantize '{quantize}'; choose one of: {', '.join(QUANTIZATIONS)}"
+        )
+    if quantize is not None and fmt != "tflite":
+        raise ConfigError(f"--quantize works with --format tflite only, not {fmt}")
+
+
+def default_out(run_dir: Path, fmt: str, quantize: str | None) -> Path:
+    """``RUN/exports/<format>`` or ``RUN/exports/tflite-<quantize>``."""
+    return run_dir / "exports" / (f"{fmt}-{quantize}" if quantize else fmt)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def export_versions(fmt: str) -> dict[str, str]:
+    """Versions of the packages that wrote (and will run) the export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pneumo_cli.model import package_versions
+
+    versions = {"pneumo": __version__, **package_versions()}
+    if fmt == "onnx":
+        for name in ("tf2onnx", "onnx", "onnxruntime"):
+            try:
+                versions[name] = version(name)
+            except PackageNotFoundError:
+                versions[name] = "absent"
+    return versions
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose another --out")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists already; add --overwrite to replace it or choose --out")
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Move the finished ``source`` folder to ``target``, replacing an old ``target``."""
+    old = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-old-{target.name}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(
+    run: str | os.PathLike[str] | None = None,
+    fmt: str = "onnx",
+    out: str | os.PathLike[str] | None = None,
+    *,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    notify: Callable[[str], None] | None = None,
+) -> ExportSummary:
+    """Export a run's ``best.keras`` as ``fmt`` into ``out`` after a passing parity check.
+
+    Args:
+        run: run folder (default: the latest run under ./runs).
+        fmt: ``savedmodel``, ``tflite`` or ``onnx``.
+        out: export folder (default: ``RUN/exports/<format>[-<quantize>]``).
+        quantize: TFLite only: ``float16`` or ``int8`` (calibrated on cache training images).
+        overwrite: replace an existing ``out``.
+        notify: told each step as it starts.
+
+    Raises:
+        ConfigError: bad format or quantization, not a run, a missing converter package.
+        InputError: the run has no model.
+        OutputError: ``out`` exists (without ``overwrite``) or cannot be written.
+        PneumoError: the export failed its parity check (nothing is left behind).
+    """
+    from pneumo_cli.runs import load_run_config, resolve_run
+
+    check_request(fmt, quantize)
+    say = notify or (lambda message: None)
+    started = time.perf_counter()
+    run_dir = resolve_run(run)
+    config = load_run_config(run_dir)
+    missing = [key for key in ("preprocess", "input_scaling", "image_size") if key not in config]
+    if missing:
+        raise ConfigError(f"{run_dir}/config.json lacks {', '.join(missing)}; retrain the run")
+    settings = from_dict(PreprocessConfig, config["preprocess"], f"{run_dir}/config.json")
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise InputError(
+            f"{run_dir} has no {MODEL_FILE}: was it written by `pneumo train` "
+            "(a run stopped before its first epoch has no model)?"
+        )
+    out = Path(out) if out is not None else default_out(run_dir, fmt, quantize)
+    _check_out(out, overwrite)
+    gate_path = run_dir / POSTPROCESS_FILE
+    gate = load_gate(gate_path) if gate_path.is_file() else Gate()
+
+    from pneumo_cli import export_backends
+    from pneumo_cli.model import load_model
+
+    size, scaling = settings.image_size, config["input_scaling"]
+    say(f"loading {model_path}")
+    model = load_model(model_path)
+    images, inputs = parity_images(config, size)
+    reference = run_in_batches(
+        lambda batch: export_backends.serving_function(model, scaling, size)(batch)[
+            OUTPUT_NAME
+        ].numpy(),
+        images,
+    )
+    calibration, calibration_note = (None, None)
+    if quantize == "int8":
+        calibration, calibration_note = calibration_images(config, size)
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out.parent}: {describe_os_error(exc)}") from None
+    scratch = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir()
+        label = fmt + (f" ({quantize})" if quantize else "")
+        say(f"converting to {label}")
+        written = export_backends.write_export(
+            model, fmt, scaling, size, scratch, quantize, calibration
+        )
+        say(f"checking parity on {inputs}")
+        exported = run_in_batches(load_runner(fmt, written), images)
+        tolerance = TOLERANCES[quantize or "float32"]
+        area_scale = area_scale_for(PARITY_ORIGINAL_HW, (size, size))
+        parity = compare_probabilities(reference, exported, gate, tolerance, inputs, area_scale)
+        if not parity.passed:
+            raise PneumoError(
+                f"{label} export of {run_dir} failed its parity check against Keras on {inputs}: "
+                f"{'; '.join(parity.failures)}; nothing was written"
+            )
+        manifest = {
+            "pneumo_version": __version__,
+            "format": fmt,
+            "quantize": quantize,
+            "model_file": written.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "input": {
+                "name": INPUT_NAME,
+                "shape": [None, size, size, 1],
+                "dtype": "float32",
+                "range": "grey pixel values 0..255 of the prepared (cropped, CLAHE, resized) image",
+                "scaling_in_graph": scaling,
+            },
+            "output": {
+                "name": OUTPUT_NAME,
+                "shape": [None, size, size, 1],
+                "dtype": "float32",
+                "range": "pneumothorax probability 0..1 per pixel",
+            },
+            "image_size": size,
+            "input_scaling": scaling,
+            "encoder": config.get("encoder"),
+            "preprocess": to_dict(settings),
+            "postprocess": to_dict(gate),
+            "source_run": {
+                "path": str(run_dir.resolve()),
+                "model": MODEL_FILE,
+                "model_sha256": _sha256(model_path),
+            },
+            "calibration": calibration_note,
+            "versions": export_versions(fmt),
+            "parity": parity.to_dict(),
+        }
+        atomic_write_json(scratch / MANIFEST_FILE, manifest)
+        _check_out(out, overwrite)  # another process may have created it meanwhile
+        _replace_folder(scratch, out)
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise OutputError(f"cannot write {out}: {describe_os_error(exc)}") from None
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    model_out = out / written.name
+    return ExportSummary(
+        run=str(run_dir),
+        format=fmt,
+        quantize=quantize,
+        out_dir=str(out),
+        model=str(model_out),
+        size_mb=round(_size_bytes(model_out) / 1e6, 2),
+        parity=parity,
+        calibration=calibration_note,
+        seconds=round(time.perf_counter() - started, 1),
+    )
