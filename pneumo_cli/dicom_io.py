@@ -283,6 +283,9 @@ def _open_dataset(path: Path, stop_before_pixels: bool) -> Any:
     """
     import pydicom
 
+    # Real SIIM stage-2 headers carry invalid values (SOPInstanceUID 'ID_...'): tolerate them
+    # silently instead of logging a warning per file.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
         for _ in ds.file_meta.iterall() if ds.file_meta is not None else ():

@@ -243,8 +243,11 @@ def _context_lines(m: dict[str, Any]) -> str:
         items.append(f"{html.escape(name)}: <code>{html.escape(str(value))}</code>")
     if m.get("resolution"):
         r = m["resolution"]
-        size = f"{r['width']} x {r['height']} " if r.get("width") and r.get("height") else ""
-        items.append(f"scored at {size}({html.escape(str(r.get('at')))} resolution)")
+        at = html.escape(str(r.get("at")))
+        if r.get("width") and r.get("height"):
+            items.append(f"scored at {r['width']} x {r['height']} ({at} resolution)")
+        else:
+            items.append(f"scored at {at} resolution")
     if m.get("gate"):
         items.append("gate: " + html.escape(", ".join(f"{k}={v}" for k, v in m["gate"].items())))
     missing = m.get("missing") or {}

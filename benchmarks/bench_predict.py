@@ -1,0 +1,130 @@
+"""`pneumo predict` throughput and latency against the bare network, on real SIIM DICOMs.
+
+Run: .venv/bin/python benchmarks/bench_predict.py [--copies 8] [--batch-size 16]
+
+Builds a resnet34 U-Net run at 256 px (random encoder weights, one training step on a few
+synthetic images: speed does not depend on the weights), then measures:
+
+- the bare network: ``Predictor.probabilities`` (one compiled tf.function) on uint8 batches;
+- the pipeline: ``run_predict`` over copies of the 8 real 1024 x 1024 JPEG DICOMs of
+  ../shared/siim (decode, crop, CLAHE, resize in threads, network, back-mapping to 1024 x 1024,
+  gate, RLE, PNG/JSON/CSV writes); issue 5 asks for >= 85% of the bare network's images/s;
+- single-image latency: the network at batch 1, and one DICOM end to end (model already loaded).
+
+Wall-clock times: anything else running on the machine slows them down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SIIM = REPO.parent / "shared" / "siim"
+
+
+def build_run(root: Path, encoder: str, size: int) -> Path:
+    from pneumo_cli.config import PreprocessConfig
+    from pneumo_cli.demo_dataset import write_demo_dataset
+    from pneumo_cli.preprocess import run_preprocess
+    from pneumo_cli.train import TrainConfig, train
+
+    raw = root / "raw"
+    write_demo_dataset(raw, n=30, seed=0, size=max(size, 256))
+    cache = root / "cache"
+    run_preprocess(raw, cache, PreprocessConfig(image_size=size), rle_csv=raw / "train-rle.csv")
+    config = TrainConfig(
+        cache=str(cache), encoder=encoder, encoder_weights="none", epochs=1, batch_size=2,
+        steps_per_epoch=1, patience=0, gpus=0,
+    )  # fmt: skip
+    return Path(train(config, runs_dir=root / "runs").run_dir)
+
+
+def real_inputs(folder: Path, copies: int) -> list[Path]:
+    sources = sorted((SIIM / "dicom-images-train").rglob("*.dcm"))
+    sources += sorted((SIIM / "dicom-odd").glob("stage2_*.dcm"))
+    folder.mkdir(parents=True)
+    paths = []
+    for index, source in enumerate(sources):
+        for copy in range(copies):
+            target = folder / f"img{index:02d}_{copy:03d}.dcm"
+            shutil.copy(source, target)
+            paths.append(target)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM")
+    parser.add_argument("--repeats", type=int, default=8, help="timed network batches")
+    args = parser.parse_args()
+    if not SIIM.is_dir():
+        sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
+
+    from pneumo_cli.predict import file_loader, file_sources, load_predictor, run_predict
+
+    root = Path(tempfile.mkdtemp(prefix="pneumo-bench-predict-"))
+    try:
+        run = build_run(root, args.encoder, args.image_size)
+        predictor = load_predictor(run)
+        size, batch = args.image_size, args.batch_size
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (batch, size, size), dtype=np.uint8)
+        predictor.probabilities(images)  # trace
+        predictor.probabilities(images[:1])
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            predictor.probabilities(images)
+        network_rate = args.repeats * batch / (time.perf_counter() - start)
+        single = []
+        for _ in range(20):
+            start = time.perf_counter()
+            predictor.probabilities(images[:1])
+            single.append(time.perf_counter() - start)
+
+        paths = real_inputs(root / "inputs", args.copies)
+        sources, _ = file_sources(paths)
+        load = file_loader(predictor.settings)
+        out = root / "out"
+        run_predict(predictor, sources[:batch], out, load=load, batch_size=batch)  # warm-up
+        start = time.perf_counter()
+        summary = run_predict(predictor, sources, out, load=load, batch_size=batch, overwrite=True)
+        pipeline_rate = summary.predicted / (time.perf_counter() - start)
+        one_dicom = []
+        for _ in range(10):
+            start = time.perf_counter()
+            run_predict(predictor, sources[:1], root / "one", load=load, overwrite=True)
+            one_dicom.append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    load_avg = os.getloadavg()[0]
+    print(f"resnet34 U-Net at {size} px, batch {batch}, float32, {os.cpu_count()} cores, "
+          f"load average {load_avg:.1f} at the end")  # fmt: skip
+    print(f"{'measurement':55s} {'value':>12s}")
+    rows = [
+        ("bare network, images/s (tf.function)", f"{network_rate:.1f}"),
+        (f"predict pipeline on {summary.predicted} real DICOMs, images/s", f"{pipeline_rate:.1f}"),
+        ("pipeline / bare network", f"{pipeline_rate / network_rate:.0%}"),
+        ("network latency at batch 1, median ms", f"{statistics.median(single) * 1e3:.1f}"),
+        ("one DICOM end to end (model loaded), median ms",
+         f"{statistics.median(one_dicom) * 1e3:.1f}"),
+    ]  # fmt: skip
+    for name, value in rows:
+        print(f"{name:55s} {value:>12s}")
+
+
+if __name__ == "__main__":
+    main()
