@@ -94,6 +94,7 @@ def _register_all() -> None:
     from pneumo_cli.commands import rle as rle_commands
     from pneumo_cli.commands.demo import demo_data
     from pneumo_cli.commands.evaluate import evaluate
+    from pneumo_cli.commands.export import export
     from pneumo_cli.commands.overlay import overlay
     from pneumo_cli.commands.predict import predict
     from pneumo_cli.commands.preprocess import preprocess
@@ -105,6 +106,7 @@ def _register_all() -> None:
     register("train", train)
     register("predict", predict)
     register("evaluate", evaluate)
+    register("export", export)
     register("overlay", overlay)
     register("demo-data", demo_data)
 

@@ -398,14 +398,23 @@ def make_train_dataset(
     augment: bool = True,
     pos_fraction: tuple[float, float] | None = None,
     memory_limit: int | None = None,
+    input_context: Any = None,
 ) -> Pipeline:
     """Training batches for epochs ``first_epoch`` .. ``epochs - 1``, back to back.
 
     Each epoch is ``steps_per_epoch`` full batches whose order and augmentation depend only on
     (seed, epoch), so a resumed run continues exactly where an uninterrupted one would be.
 
+    With a ``tf.distribute.InputContext`` (multi-worker training, through the strategy's
+    ``distribute_datasets_from_function``) ``batch_size`` is the GLOBAL batch: this input
+    pipeline takes only its own slice of every global batch (pipeline ``i`` of ``n`` the
+    samples ``i * B / n .. (i + 1) * B / n - 1``), so it decodes and augments just its share,
+    and batches them per replica. The samples of a global step are the ones a single-process
+    run with the same global batch would see.
+
     Yields:
-        (x float32 (B, S, S, 3) scaled for the encoder, y float32 (B, S, S, 1) in {0, 1}).
+        (x float32 (B, S, S, 3) scaled for the encoder, y float32 (B, S, S, 1) in {0, 1}), B
+        the per-replica batch with an input context, else ``batch_size``.
     """
     tf = import_tf()
     load, in_memory = _source(records, image_size, memory_limit)
@@ -426,6 +435,16 @@ def make_train_dataset(
         )
     plan = np.concatenate(orders) if orders else np.zeros(0, np.int64)
     plan_seeds = np.concatenate(seeds) if seeds else np.zeros((0, 2), np.int64)
+    out_batch = batch_size
+    if input_context is not None:
+        plan, plan_seeds = shard_plan(
+            plan,
+            plan_seeds,
+            batch_size,
+            input_context.num_input_pipelines,
+            input_context.input_pipeline_id,
+        )
+        out_batch = input_context.get_per_replica_batch_size(batch_size)
 
     def sample(index: Any, sample_seed: Any) -> tuple[Any, Any]:
         image, mask = load(index)
@@ -437,10 +456,36 @@ def make_train_dataset(
     dataset = (
         tf.data.Dataset.from_tensor_slices((plan, plan_seeds))
         .map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size, drop_remainder=True)
+        .batch(out_batch, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
     return Pipeline(dataset, steps_per_epoch, in_memory)
+
+
+def shard_plan(
+    plan: np.ndarray, seeds: np.ndarray, global_batch: int, shards: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shard ``index``'s slice of every global batch of a sample plan.
+
+    Args:
+        plan: int64 (steps x global_batch,) sample indices; seeds: int64 (same, 2).
+
+    Returns:
+        (plan, seeds) holding, for every global batch in turn, its samples
+        ``index * global_batch / shards`` up to ``(index + 1) * global_batch / shards - 1``.
+
+    Raises:
+        ConfigError: the global batch does not split evenly over the shards.
+    """
+    if global_batch % shards:
+        raise ConfigError(
+            f"global batch {global_batch} does not split over {shards} input pipelines; "
+            "choose a --batch-size that makes it a multiple"
+        )
+    share = global_batch // shards
+    rows = plan.reshape(-1, global_batch)[:, index * share : (index + 1) * share]
+    seed_rows = seeds.reshape(-1, global_batch, 2)[:, index * share : (index + 1) * share]
+    return rows.reshape(-1), seed_rows.reshape(-1, 2)
 
 
 def make_eval_dataset(

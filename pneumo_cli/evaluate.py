@@ -33,6 +33,7 @@ from pneumo_cli.files import (
     describe_os_error,
     ensure_output_dir,
     read_input_bytes,
+    remove_stale_temporaries,
 )
 from pneumo_cli.rle import ID_COLUMNS, RleRow, parse_runs, read_rle_csv, row_context
 
@@ -350,6 +351,7 @@ def write_evaluation(
     from pneumo_cli import report
 
     out = ensure_output_dir(out_dir, *inputs)
+    remove_stale_temporaries(out)
     written = {"metrics.json": out / "metrics.json", "per_image.csv": out / "per_image.csv"}
     # An older metrics.json would mark a folder complete while its other files are being
     # replaced; it goes first and comes back last.

@@ -23,6 +23,7 @@ import numpy as np
 
 from pneumo_cli.config import to_dict
 from pneumo_cli.errors import ConfigError, InputError
+from pneumo_cli.files import ensure_output_dir, remove_stale_temporaries
 from pneumo_cli.postprocess import POSTPROCESS_FILE, Gate, apply_gate, area_scale_for, save_gate
 
 SPLITS = ("train", "val", "test")
@@ -157,6 +158,12 @@ def evaluate_run(
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
     sources, load = cache_sources(cache_dir, split)
+    # The output folder is checked before the slow part, so a bad --out fails at once.
+    out = ensure_output_dir(
+        Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}", cache_dir
+    )
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(out / "overlays")
     labelled = [(i, row) for i, row in sources if row["mask"]]
     if not labelled:
         raise InputError(f"split '{split}' of {cache_dir} has no labelled image to score")
@@ -229,8 +236,6 @@ def evaluate_run(
             "best": [dataclasses.asdict(score) for score in tuned[:TOP_GATES_SHOWN]],
         }
     evaluation = score_counts(ids, inters, truth_areas, pred_areas, max_probs, details)
-    out = Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}"
-    out.mkdir(parents=True, exist_ok=True)
     panels = _report_panels(evaluation, select_cases(evaluation.rows), scored, cache_dir, gate, out)
     if records:
         write_predictions(out, sorted(records, key=lambda r: r["ImageId"]))

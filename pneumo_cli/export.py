@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,8 @@ class Tolerance:
 
 TOLERANCES = {
     "float32": Tolerance(max_abs_diff=1e-3, mean_abs_diff=None, min_mask_agreement=0.999),
-    "float16": Tolerance(max_abs_diff=1e-2, mean_abs_diff=1e-3, min_mask_agreement=0.998),
-    "int8": Tolerance(max_abs_diff=None, mean_abs_diff=0.03, min_mask_agreement=0.98),
+    "float16": Tolerance(max_abs_diff=5e-2, mean_abs_diff=1e-3, min_mask_agreement=0.999),
+    "int8": Tolerance(max_abs_diff=None, mean_abs_diff=2e-2, min_mask_agreement=0.99),
 }
 
 
@@ -152,8 +152,9 @@ def compare_probabilities(
 def cache_images(
     config: dict[str, Any], image_size: int, splits: tuple[str, ...], count: int
 ) -> tuple[np.ndarray, str]:
-    """Up to ``count`` uint8 (N, S, S) images of the run's cache, from the first split that has
-    some, with a description; an empty array when the cache is gone or of another size."""
+    """Up to ``count`` uint8 (N, S, S) images of the run's cache, taken from ``splits`` in order
+    (sorted by ImageId within a split), and a description; an empty array when the cache is gone
+    or holds images of another size."""
     from pneumo_cli.files import read_grey_png
 
     cache = config.get("cache")
@@ -166,17 +167,23 @@ def cache_images(
         manifest = load_manifest(cache)
     except PneumoError:
         return empty, ""
+    images: list[np.ndarray] = []
+    taken: list[str] = []
     for split in splits:
-        rows = manifest[manifest["split"] == split].sort_values("ImageId").head(count)
-        images = []
+        rows = manifest[manifest["split"] == split].sort_values("ImageId")
+        before = len(images)
         for relative in rows["image"]:
+            if len(images) == count:
+                break
             with contextlib.suppress(PneumoError):
                 image = read_grey_png(Path(cache) / relative)
                 if image.shape == (image_size, image_size):
                     images.append(image)
-        if images:
-            return np.stack(images), f"{len(images)} {split} images of cache {cache}"
-    return empty, ""
+        if len(images) > before:
+            taken.append(f"{len(images) - before} {split}")
+    if not images:
+        return empty, ""
+    return np.stack(images), f"{len(images)} images ({', '.join(taken)}) of cache {cache}"
 
 
 def synthetic_images(image_size: int, count: int, seed: int = 0) -> np.ndarray:
@@ -189,7 +196,9 @@ def synthetic_images(image_size: int, count: int, seed: int = 0) -> np.ndarray:
     if size != image_size:
         import cv2
 
-        images = [cv2.resize(i, (image_size, image_size), interpolation=cv2.INTER_AREA) for i in images]
+        images = [
+            cv2.resize(i, (image_size, image_size), interpolation=cv2.INTER_AREA) for i in images
+        ]
     return np.stack(images)
 
 
@@ -234,10 +243,9 @@ class ExportSummary:
     parity: Parity
     calibration: str | None = None
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        values = {k: v for k, v in asdict(self).items() if k not in ("parity", "notes")}
+        values = {k: v for k, v in asdict(self).items() if k != "parity"}
         parity = self.parity
         values.update(
             parity_inputs=parity.inputs,
@@ -298,11 +306,22 @@ def export_versions(fmt: str) -> dict[str, str]:
     return versions
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_out(out: Path, overwrite: bool, run_dir: Path) -> None:
+    """Refuse an ``out`` that would replace anything but an earlier export (or empty folder)."""
+    resolved = out.resolve()
+    if resolved == run_dir.resolve() or resolved in run_dir.resolve().parents:
+        raise OutputError(f"--out {out} would replace the run {run_dir}; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and not overwrite:
+    if not overwrite:
         raise OutputError(f"{out} exists already; add --overwrite to replace it or choose --out")
+    if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise OutputError(
+            f"{out} is not an export written by `pneumo export` (no {MANIFEST_FILE}); "
+            "--overwrite replaces only exports: choose another --out"
+        )
 
 
 def _replace_folder(source: Path, target: Path) -> None:
@@ -315,8 +334,8 @@ def _replace_folder(source: Path, target: Path) -> None:
 
 
 def export_run(
-    run: str | os.PathLike[str] | None = None,
-    fmt: str = "onnx",
+    run: str | os.PathLike[str] | None,
+    fmt: str,
     out: str | os.PathLike[str] | None = None,
     *,
     quantize: str | None = None,
@@ -357,7 +376,7 @@ def export_run(
             "(a run stopped before its first epoch has no model)?"
         )
     out = Path(out) if out is not None else default_out(run_dir, fmt, quantize)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, run_dir)
     gate_path = run_dir / POSTPROCESS_FILE
     gate = load_gate(gate_path) if gate_path.is_file() else Gate()
 
@@ -368,12 +387,8 @@ def export_run(
     say(f"loading {model_path}")
     model = load_model(model_path)
     images, inputs = parity_images(config, size)
-    reference = run_in_batches(
-        lambda batch: export_backends.serving_function(model, scaling, size)(batch)[
-            OUTPUT_NAME
-        ].numpy(),
-        images,
-    )
+    keras_forward = export_backends.serving_function(model, scaling, size)
+    reference = run_in_batches(lambda batch: keras_forward(batch)[OUTPUT_NAME].numpy(), images)
     calibration, calibration_note = (None, None)
     if quantize == "int8":
         calibration, calibration_note = calibration_images(config, size)
@@ -435,7 +450,7 @@ def export_run(
             "parity": parity.to_dict(),
         }
         atomic_write_json(scratch / MANIFEST_FILE, manifest)
-        _check_out(out, overwrite)  # another process may have created it meanwhile
+        _check_out(out, overwrite, run_dir)  # another process may have created it meanwhile
         _replace_folder(scratch, out)
     except OSError as exc:
         shutil.rmtree(scratch, ignore_errors=True)

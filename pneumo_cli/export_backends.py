@@ -56,8 +56,10 @@ def write_savedmodel(model: Any, scaling: str, image_size: int, folder: Path) ->
     from pneumo_cli.model import import_tf
 
     tf = import_tf()
+    # Track the weights, not the Keras model: saving a tf-keras model's own object graph
+    # re-traces every layer and doubles the export time, and servers need only the signature.
     holder = tf.Module()
-    holder.model = model
+    holder.weights = list(model.variables)
     holder.serve = serving_function(model, scaling, image_size)
     target = folder / MODEL_NAMES["savedmodel"]
     with _quiet_converters():

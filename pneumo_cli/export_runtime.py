@@ -1,4 +1,4 @@
-"""Running an exported model: read ``pneumo-model.json`` and predict with ONNX, TFLite or SavedModel.
+"""Running an exported model: read pneumo-model.json, predict with ONNX, TFLite or SavedModel.
 
 An export folder written by ``pneumo export`` holds the model (``model.onnx``, ``model.tflite``
 or the ``saved_model/`` folder) and ``pneumo-model.json``, which says what the model expects and
@@ -131,11 +131,11 @@ def _onnx_runner(path: Path, threads: int | None) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ConfigError(
-            "ONNX exports need onnxruntime: pip install 'pneumo-cli[onnx]'"
-        ) from None
+        raise ConfigError("ONNX exports need onnxruntime: pip install 'pneumo-cli[onnx]'") from None
+    # tf2onnx writes Resize nodes with an attribute ONNX Runtime warns about on every load,
+    # harmlessly (parity is checked); show errors only.
+    ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the converter's Resize attributes trigger harmless warnings
     if threads:
         options.intra_op_num_threads = threads
     try:
@@ -172,7 +172,11 @@ def _tflite_runner(path: Path, threads: int | None) -> Runner:
         shape = tuple(batch.shape)
         if allocated != [shape]:  # re-plan the buffers only when the batch size changes
             interpreter.resize_tensor_input(input_index, list(shape))
-            interpreter.allocate_tensors()
+            try:
+                interpreter.allocate_tensors()
+            except RuntimeError as exc:
+                reason = " ".join(str(exc).split())[:200]
+                raise InputError(f"{path}: TFLite cannot run this model ({reason})") from None
             allocated[:] = [shape]
         interpreter.set_tensor(input_index, batch.astype(np.float32, copy=False))
         interpreter.invoke()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ import numpy as np
 from pneumo_cli.errors import ConfigError, InputError
 
 DEFAULT_ENCODER = "resnet34"
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Keras mixed-precision policy per precision: variables stay float32, compute in the named type.
+_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 # How grey pixel values v in [0, 255] become network inputs, per encoder family. The names are
 # stored in runs; the maths must match segmentation_models' get_preprocessing(encoder), which
@@ -53,6 +56,10 @@ def import_tf() -> Any:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"
         os.environ["SM_FRAMEWORK"] = "tf.keras"
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+        with _native_start_up_noise_filtered():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # the CUDA probe logs here, not at import
     import tensorflow as tf
 
     engine = tf.keras.Model.__module__  # forces the lazy tf.keras to resolve
@@ -63,6 +70,37 @@ def import_tf() -> Any:
             "(or export TF_USE_LEGACY_KERAS=1)"
         )
     return tf
+
+
+# TensorFlow's C++ start-up lines that say nothing to a pneumo user (glog format), e.g.
+# "I0000 00:00:... port.cc:153] oneDNN custom operations are on" or, on machines without a GPU,
+# "E0000 ... cuda_platform.cc:52] failed call to cuInit". TF_CPP_MIN_LOG_LEVEL does not hide them.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} [\d:. ]+\d+ \S+\] "
+    r"|[WE]\d{4} [\d:. ]+\d+ \S+\] .*(cuInit|CUDA|cuda|TensorRT|Unable to register))"
+)
+
+
+@contextlib.contextmanager
+def _native_start_up_noise_filtered() -> Iterator[None]:
+    """Capture file descriptor 2 while TensorFlow starts, then pass on every line that is not
+    known start-up noise, so warnings and errors still reach the user."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                if line.strip() and not _NATIVE_NOISE.match(line):
+                    print(line, file=sys.stderr)
 
 
 def import_sm() -> Any:
@@ -358,13 +396,50 @@ def load_encoder_weights(model: Any, encoder: str, path: str | os.PathLike[str])
 
 
 def _set_precision(precision: str) -> None:
+    """Make ``precision``'s Keras policy the global one; idempotent, the only place that sets it.
+
+    Raises:
+        ConfigError: unknown precision.
+    """
     tf = import_tf()
-    if precision not in PRECISIONS:
+    if precision not in _POLICIES:
         raise ConfigError(
             f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}"
         )
-    policy = "mixed_bfloat16" if precision == "bf16" else "float32"
-    tf.keras.mixed_precision.set_global_policy(policy)
+    if tf.keras.mixed_precision.global_policy().name != _POLICIES[precision]:
+        tf.keras.mixed_precision.set_global_policy(_POLICIES[precision])
+
+
+def current_precision() -> str:
+    """The precision whose policy is global now (``"fp32"`` for any policy pneumo did not set)."""
+    name = import_tf().keras.mixed_precision.global_policy().name
+    return next((key for key, policy in _POLICIES.items() if policy == name), "fp32")
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Layers created inside get ``precision``'s policy; the previous policy returns afterwards.
+
+    The policy is applied on entry every time, so nothing that reset the global policy before
+    (``clear_session`` in Keras 3, another model's build) can leak into the layers built here.
+    """
+    before = current_precision()
+    _set_precision(precision)
+    try:
+        yield
+    finally:
+        _set_precision(before)
+
+
+def clear_session() -> None:
+    """``tf.keras.backend.clear_session()`` that keeps the global precision policy.
+
+    Keras 3 resets the policy to float32 on ``clear_session``; tf-keras 2.21 keeps it. Either
+    way the policy in force before the call is re-applied after it.
+    """
+    before = current_precision()
+    import_tf().keras.backend.clear_session()
+    _set_precision(before)
 
 
 def build_model(
@@ -381,7 +456,9 @@ def build_model(
         image_size: input height and width in pixels; a multiple of 32.
         encoder_weights: ``"imagenet"`` (Keras cache, downloaded if absent), ``None``/``"none"``
             (random start) or the path of an ``.h5`` file with the encoder's layer layout.
-        precision: ``"fp32"`` or ``"bf16"`` (mixed bfloat16; the output stays float32).
+        precision: ``"fp32"``, ``"bf16"`` (mixed bfloat16) or ``"fp16"`` (mixed float16):
+            the compute type of the layers; variables, the sigmoid output and hence the loss
+            stay float32. Resolve ``"auto"`` first (:func:`pneumo_cli.distribute.choose_precision`).
         notify: told before ImageNet weights are downloaded.
 
     Returns:
@@ -401,8 +478,7 @@ def build_model(
         weights_path = fetch_imagenet_weights(encoder, notify)
     elif encoder_weights not in (None, "none"):
         weights_path = Path(encoder_weights)
-    _set_precision(precision)
-    try:
+    with precision_policy(precision):
         unet = sm.Unet(
             encoder,
             input_shape=(image_size, image_size, 3),
@@ -410,23 +486,64 @@ def build_model(
             activation="sigmoid",
             encoder_weights=None,
         )
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
-    if precision != "fp32":
-        # Under a mixed policy segmentation_models' sigmoid would output bfloat16; recompute it
-        # in float32 from the last convolution so the loss and the saved model see float32.
-        logits = unet.get_layer("final_conv").output
-        probabilities = tf.keras.layers.Activation(
-            "sigmoid", dtype="float32", name="pneumo_sigmoid_float32"
-        )(logits)
-        unet = tf.keras.Model(unet.input, probabilities, name=unet.name)
+        if precision != "fp32":
+            # Under a mixed policy segmentation_models' sigmoid outputs bfloat16/float16;
+            # recompute it in float32 from the last convolution so the loss sees float32.
+            logits = unet.get_layer("final_conv").output
+            probabilities = tf.keras.layers.Activation(
+                "sigmoid", dtype="float32", name="pneumo_sigmoid_float32"
+            )(logits)
+            unet = tf.keras.Model(unet.input, probabilities, name=unet.name)
     if weights_path is not None:
         load_encoder_weights(unet, encoder, weights_path)
     return unet
 
 
+def float32_copy(model: Any) -> Any:
+    """``model`` itself if every layer computes in float32, else a float32 twin of it.
+
+    The twin has the same layers, names and weights with every layer's dtype set to float32,
+    so a model trained in bf16/fp16 is saved, loaded and run in float32 (its weights are
+    float32 variables already; only the compute type changes).
+    """
+    tf = import_tf()
+    if all(_layer_dtype_name(layer) == "float32" for layer in model.layers):
+        return model
+    from pneumo_cli import losses
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float32"
+    with precision_policy("fp32"):
+        twin = tf.keras.Model.from_config(config, custom_objects=losses.custom_objects())
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _layer_dtype_name(layer: Any) -> str:
+    policy = getattr(layer, "dtype_policy", None)
+    return getattr(policy, "name", None) or str(layer.dtype)
+
+
+def weights_sha256(model: Any) -> str:
+    """SHA-256 of every weight of ``model`` as float32 bytes, in layer order.
+
+    Equal digests mean bit-identical networks (used to check that all workers of a
+    multi-worker run end with the same model).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def save_model(model: Any, path: str | os.PathLike[str]) -> None:
-    """Save ``model`` (without optimizer) to a ``.keras`` file atomically.
+    """Save ``model`` (without optimizer) to a ``.keras`` file atomically, in float32.
+
+    A model trained in mixed precision is saved as its :func:`float32_copy`, so every later
+    command loads and predicts in float32 whatever the training precision.
 
     Raises:
         OutputError: the folder cannot be written.
@@ -439,7 +556,7 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}")
     # A fresh, uncompiled Model over the same layers: the .keras file then holds the network
     # only (the optimizer state of a run is checkpointed separately, for --resume).
-    bare = tf.keras.Model(model.inputs, model.outputs, name=model.name)
+    bare = float32_copy(tf.keras.Model(model.inputs, model.outputs, name=model.name))
     try:
         bare.save(tmp)
         os.replace(tmp, target)
@@ -451,12 +568,55 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
         raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
 
 
+# A .keras file is a zip archive; these are the members pneumo's own models have.
+_KERAS_CONFIG = "config.json"
+_KERAS_WEIGHTS = "model.weights.h5"
+_KERAS_MEMBERS = {_KERAS_CONFIG, "metadata.json", _KERAS_WEIGHTS}
+_MAX_CONFIG_BYTES = 64 << 20
+# Keras imports the module a layer's config names. pneumo's U-Nets only use layers from these
+# packages; any other module (os, subprocess, a planted file...) is refused before import.
+_TRUSTED_MODULES = ("keras", "tf_keras", "segmentation_models", "classification_models",
+                    "efficientnet")  # fmt: skip
+# Layers that hold Python code (bytecode or a Python callable) or call arbitrary TF ops.
+_CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda", "__lambda__")
+
+
+def _code_in_model_config(node: Any, layer: str = "model") -> str | None:
+    """Why the parsed ``config.json`` of a .keras file could run code when loaded, or None."""
+    if isinstance(node, list):
+        return next(filter(None, (_code_in_model_config(item, layer) for item in node)), None)
+    if not isinstance(node, dict):
+        return None
+    inner = node.get("config")
+    if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+        layer = inner["name"]
+    class_name, module = node.get("class_name"), node.get("module")
+    if class_name in _CODE_LAYERS or "function_type" in node:
+        return f"its layer '{layer}' is a {str(class_name).strip('_')} layer, which holds code"
+    if module is not None and (
+        not isinstance(module, str) or module.split(".")[0] not in _TRUSTED_MODULES
+    ):
+        return f"its layer '{layer}' names the Python module '{module}'"
+    return next(filter(None, (_code_in_model_config(v, layer) for v in node.values())), None)
+
+
 def load_model(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.keras`` model written by pneumo, for inference (not compiled, safe mode).
+    """Load a ``.keras`` model written by pneumo, for inference (not compiled).
+
+    The file is untrusted input: nothing in it is ever run as Python code. Only the ``.keras``
+    zip format is accepted (Keras would load HDF5 files and SavedModel folders without safe
+    mode). Its ``config.json`` is parsed as JSON and refused if a layer holds code (``Lambda``)
+    or names a module outside Keras and segmentation_models' encoders; the model is then built
+    from it in Keras safe mode and its weights are read from ``model.weights.h5``.
 
     Raises:
-        InputError: the file is missing or not a Keras model.
+        InputError: one line naming the file: missing, not a .keras archive, refused because it
+            could run code, or unreadable.
     """
+    import json
+    import tempfile
+    import zipfile
+
     tf = import_tf()
     import_sm()  # registers the custom objects of segmentation_models' encoders
     from pneumo_cli import losses
@@ -464,10 +624,47 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file; was it written by `pneumo train`?")
-    try:
-        return tf.keras.models.load_model(
-            path, compile=False, safe_mode=True, custom_objects=losses.custom_objects()
+    refused = f"{path}: refused to load this model file"
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"{path}: not a readable Keras model (not a .keras zip archive, the only format "
+            "pneumo loads: Keras would run code stored in HDF5 or SavedModel files)"
         )
-    except (OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:200]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+            unexpected = sorted(members - _KERAS_MEMBERS)
+            if unexpected or _KERAS_CONFIG not in members or _KERAS_WEIGHTS not in members:
+                detail = f"unexpected {unexpected[0]!r}" if unexpected else "missing members"
+                raise InputError(f"{path}: not a model written by pneumo ({detail} in archive)")
+            if archive.getinfo(_KERAS_CONFIG).file_size > _MAX_CONFIG_BYTES:
+                raise InputError(f"{path}: not a model written by pneumo (huge {_KERAS_CONFIG})")
+            config = json.loads(archive.read(_KERAS_CONFIG))
+            weights = archive.read(_KERAS_WEIGHTS)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:  # ValueError: bad JSON or UTF-8
+        reason = " ".join(str(exc).split())[:160]
         raise InputError(f"{path}: not a readable Keras model ({reason})") from None
+    why = _code_in_model_config(config)
+    if why:
+        raise InputError(f"{refused}: {why}; pneumo never runs code from model files")
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a readable Keras model (config.json is not an object)")
+    config["compile_config"] = None
+    try:
+        model = tf.keras.saving.deserialize_keras_object(
+            config, custom_objects=losses.custom_objects(), safe_mode=True
+        )
+        # Keras reads the weights through seeks in the zip member, which costs seconds for a
+        # large U-Net; a plain file in a temporary folder reads in a fraction of that.
+        with tempfile.TemporaryDirectory(prefix="pneumo-model-") as folder:
+            weights_path = Path(folder) / _KERAS_WEIGHTS
+            weights_path.write_bytes(weights)
+            model.load_weights(weights_path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        if "safe_mode" in reason:  # a form of code the scan above does not know
+            raise InputError(f"{refused}: Keras safe mode found code in it") from None
+        raise InputError(f"{path}: not a readable Keras model ({reason})") from None
+    if not isinstance(model, tf.keras.Model):
+        raise InputError(f"{path}: not a Keras model (it holds a {type(model).__name__})")
+    return model

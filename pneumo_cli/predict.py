@@ -81,6 +81,10 @@ class Predictor:
     def image_size(self) -> int:
         return self.settings.image_size
 
+    @property
+    def source(self) -> Path:
+        return self.run_dir
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy()
 
@@ -198,7 +202,7 @@ def _batches(items: Iterator[Item | Rejected], size: int) -> Iterator[list[Item 
 
 
 def predict_items(
-    predictor: Predictor,
+    predictor: Any,
     items: Iterator[Item | Rejected],
     batch_size: int,
 ) -> Iterator[tuple[Item, np.ndarray] | Rejected]:
@@ -212,7 +216,7 @@ def predict_items(
 
 
 def run_predict(
-    predictor: Predictor,
+    predictor: Any,
     sources: Sequence[tuple[str, Any]],
     out_dir: str | os.PathLike[str],
     *,
@@ -227,6 +231,9 @@ def run_predict(
     progress: ProgressFn | None = None,
 ) -> PredictSummary:
     """Predict every source and write masks, records and the CSVs into ``out_dir``.
+
+    ``predictor`` is a :class:`Predictor` or an exported model's predictor (see
+    :func:`open_predictor`).
 
     ``sources`` are ``(image_id, handle)`` pairs and ``load(handle) -> Item`` prepares one (it
     may raise a PneumoError, which rejects that image only). Finished images (mask and record
@@ -371,8 +378,11 @@ def file_loader(settings: PreprocessConfig) -> Any:
     return load
 
 
-def check_cache_matches(cache_settings: PreprocessConfig, run: Predictor, cache: Path) -> None:
-    """Refuse a cache whose pixel settings differ from those the run was trained on."""
+def check_cache_matches(cache_settings: PreprocessConfig, run: Any, cache: Path) -> None:
+    """Refuse a cache whose pixel settings differ from those the run (or export) was made with.
+
+    ``run`` is a :class:`Predictor` or an ``export_runtime.ExportedPredictor``.
+    """
     differing = [
         f"{name} {getattr(cache_settings, name)} vs {getattr(run.settings, name)}"
         for name in PIXEL_SETTINGS
@@ -380,7 +390,7 @@ def check_cache_matches(cache_settings: PreprocessConfig, run: Predictor, cache:
     ]
     if differing:
         raise ConfigError(
-            f"{cache} was preprocessed differently from the run {run.run_dir} "
+            f"{cache} was preprocessed differently from {run.source} "
             f"(cache vs run: {'; '.join(differing)}); preprocess again with the run's settings"
         )
 
@@ -412,10 +422,36 @@ def cache_sources(cache: Path, split: str) -> tuple[list[tuple[str, Any]], Any]:
     return [(row["ImageId"], row) for _, row in rows.iterrows()], load
 
 
+def open_predictor(
+    run: str | os.PathLike[str] | None,
+    model: str | os.PathLike[str] | None = None,
+    tta: str = "none",
+) -> Any:
+    """A run's :class:`Predictor`, or with ``model`` an exported model's predictor.
+
+    Both offer ``settings``, ``gate``, ``tta``, ``image_size``, ``source`` and
+    ``probabilities(uint8 (B, S, S)) -> float32 (B, S, S)``. An ONNX export loads without
+    TensorFlow.
+
+    Raises:
+        ConfigError: both ``run`` and ``model`` given, or what the loaders raise.
+    """
+    if model is not None:
+        if run is not None:
+            raise ConfigError("give --run or --model, not both")
+        from pneumo_cli.export_runtime import load_exported_predictor
+
+        return load_exported_predictor(model, tta)
+    from pneumo_cli.runs import resolve_run
+
+    return load_predictor(resolve_run(run), tta)
+
+
 def predict(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     run: str | os.PathLike[str] | None,
+    model: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str],
     cache: str | os.PathLike[str] | None = None,
     split: str | None = None,
@@ -427,24 +463,24 @@ def predict(
     workers: int | None = None,
     progress_factory: Any = None,
 ) -> PredictSummary:
-    """`pneumo predict`: files/folders of X-rays, or one split of a cache, through a run.
+    """`pneumo predict`: files/folders of X-rays, or one split of a cache, through a run or
+    through an exported model (``model``: a folder written by `pneumo export`, or its model).
 
     ``gate_overrides`` replaces the run's gate values that are not None. ``progress_factory(total)``
     returns a context manager yielding ``advance(n)`` (see ``console.progress_bar``).
 
     Raises:
-        PneumoError: no run, unreadable model, no inputs, a cache that does not fit the run, an
-            output folder inside an input folder, or bad gate values.
+        PneumoError: no run, unreadable model or export, no inputs, a cache that does not fit
+            the run, an output folder inside an input folder, or bad gate values.
     """
     import contextlib
     import dataclasses
 
     from pneumo_cli.dicom_io import collect_xray_files
-    from pneumo_cli.runs import resolve_run
 
     if bool(inputs) == (cache is not None):
         raise ConfigError("give either INPUT files/folders or --cache CACHE --split SPLIT")
-    predictor = load_predictor(resolve_run(run), tta)
+    predictor = open_predictor(run, model, tta)
     overrides = {k: v for k, v in (gate_overrides or {}).items() if v is not None}
     gate = dataclasses.replace(predictor.gate, **overrides)
     if cache is not None:

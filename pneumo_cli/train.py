@@ -1,11 +1,14 @@
 """Training the U-Net on a cache: `pneumo train` as a library function.
 
 :func:`train` starts a run and :func:`resume_training` continues one; both end in :func:`_fit`,
-which runs Keras ``fit`` under the strategy
-:func:`pneumo_cli.distribute.make_strategy` chose and records every epoch
-in the run folder (history, last/best model, optimizer checkpoint, curves, summary). Validation
-reports the SIIM per-image Dice (:mod:`pneumo_cli.losses`), which also drives model selection,
-early stopping and the optional learning-rate reduction.
+which runs Keras ``fit`` under the strategy :mod:`pneumo_cli.distribute` chose and records every
+epoch in the run folder (history, last/best model, optimizer checkpoint, curves, summary).
+Validation reports the SIIM per-image Dice (:mod:`pneumo_cli.losses`), which also drives model
+selection, early stopping and the optional learning-rate reduction.
+
+In a multi-worker run every process executes the same steps - saving included, because reading
+the synchronised batch-norm statistics is itself a collective operation - but only the chief
+writes into the run folder; the other workers write into a temporary folder that is removed.
 """
 
 from __future__ import annotations
@@ -13,14 +16,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pneumo_cli import __version__, data, losses, model, runs
 from pneumo_cli.config import from_dict, to_dict
-from pneumo_cli.distribute import make_strategy
+from pneumo_cli.distribute import (
+    COLLECTIVE_TIMEOUT_S,
+    HEARTBEAT_TIMEOUT_S,
+    Placement,
+    choose_precision,
+    make_multi_worker_strategy,
+    make_strategy,
+)
 from pneumo_cli.errors import ConfigError
 from pneumo_cli.files import atomic_write_json
 
@@ -49,7 +62,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     pos_fraction: str | None = None  # "0.8" or "0.8:0.4"; None: natural frequency
-    precision: str = "fp32"
+    precision: str = "auto"  # fp32, bf16, fp16 or auto (config.json records the resolved one)
+    scale_lr: bool = False  # lr x replicas in sync (the linear scaling rule)
     gpus: int | None = None  # None: first GPU if one is visible, else CPU
     train_split: str = "train"
     val_split: str = "val"
@@ -66,6 +80,7 @@ class TrainResult:
     best_val_dice: float | None
     seconds: float
     images_per_s: float | None
+    weights_sha256: str | None = None  # of the final network; equal on every worker
 
 
 class TrainReporter(Protocol):
@@ -106,9 +121,9 @@ def _check_settings(config: TrainConfig) -> None:
     model.check_encoder(config.encoder)
     losses.get_loss(config.loss)
     data.parse_pos_fraction(config.pos_fraction)
-    if config.precision not in model.PRECISIONS:
+    if config.precision not in (*model.PRECISIONS, "auto"):
         raise ConfigError(
-            f"--precision {config.precision}: choose one of {', '.join(model.PRECISIONS)}"
+            f"--precision {config.precision}: choose one of {', '.join(model.PRECISIONS)}, auto"
         )
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
@@ -131,9 +146,17 @@ def _load_data(config: TrainConfig) -> tuple[data.CacheInfo, list, list]:
     return cache, train_records, val_records
 
 
-def _compile(net: Any, config: TrainConfig) -> Any:
+def effective_lr(config: TrainConfig, replicas: int) -> float:
+    """The learning rate Adam starts with: ``lr``, times the replicas with ``scale_lr``."""
+    return config.lr * replicas if config.scale_lr else config.lr
+
+
+def _compile(net: Any, config: TrainConfig, replicas: int) -> Any:
     tf = model.import_tf()
-    optimizer = tf.keras.optimizers.Adam(learning_rate=config.lr)
+    optimizer = tf.keras.optimizers.Adam(learning_rate=effective_lr(config, replicas))
+    if config.precision == "fp16":
+        # float16 gradients underflow without it; bfloat16 has float32's range and needs none.
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     net.compile(
         optimizer=optimizer,
         loss=losses.get_loss(config.loss),
@@ -150,8 +173,13 @@ def train(
     exist_ok: bool = False,
     reporter: TrainReporter | None = None,
     cpu_replicas: int = 1,
+    multi_worker: bool = False,
 ) -> TrainResult:
     """Train a new run on ``config.cache`` and write it under ``runs_dir``.
+
+    Args:
+        multi_worker: join the cluster in ``TF_CONFIG`` (MultiWorkerMirroredStrategy); the chief
+            writes the run, the other workers a temporary folder removed at the end.
 
     Returns:
         The run's :class:`TrainResult`.
@@ -159,16 +187,24 @@ def train(
     Raises:
         InputError: missing/malformed cache, missing split, no positive training image.
         ConfigError: bad setting, image size mismatch, unknown encoder, weights that do not fit
-            or cannot be obtained, too many GPUs.
+            or cannot be obtained, too many GPUs, fp16 without a GPU, bad ``TF_CONFIG``, a
+            worker lost during training.
         OutputError: run name taken (without ``exist_ok``), unwritable runs folder.
         KeyboardInterrupt: after saving last.keras and the state (status "interrupted").
     """
     reporter = reporter or SilentReporter()
+    # TensorFlow must create the multi-worker strategy before it runs anything else.
+    placement = make_multi_worker_strategy(config.gpus) if multi_worker else None
     _check_settings(config)
     cache, train_records, val_records = _load_data(config)
     config = dataclasses.replace(config, cache=str(cache.folder), image_size=cache.image_size)
-    runs.check_run_name(runs_dir, name, exist_ok)  # before the slow model build
-    strategy, where = make_strategy(config.gpus, cpu_replicas)
+    if placement is None or placement.is_chief:
+        runs.check_run_name(runs_dir, name, exist_ok)  # before the slow model build
+    if placement is None:
+        placement = Placement(*make_strategy(config.gpus, cpu_replicas))
+    precision, reason = _resolve_precision(config.precision, placement)
+    config = dataclasses.replace(config, precision=precision)
+    strategy, replicas = placement.strategy, placement.replicas
     scaling = model.input_scaling_for(config.encoder)
     model.import_tf().keras.utils.set_random_seed(config.seed)  # initial decoder weights
     with strategy.scope():
@@ -179,38 +215,82 @@ def train(
             config.precision,
             notify=reporter.note,
         )
-        optimizer = _compile(net, config)
-    run_dir = runs.create_run_dir(runs_dir, name, exist_ok)
-    replicas = strategy.num_replicas_in_sync
-    saved = {
-        **to_dict(config),
-        "input_scaling": scaling,
-        "keras_engine": model.keras_engine(),
-        "cache_manifest_sha256": cache.manifest_sha256,
-        "preprocess": cache.settings,
-        "replicas": replicas,
-        "global_batch_size": config.batch_size * replicas,
-        "strategy": where,
-        "train_images": len(train_records),
-        "val_images": len(val_records),
-        "versions": model.package_versions(),
-        "pneumo_version": __version__,
-    }
-    atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
-    for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / stale).unlink()
-    runs.mark_latest(run_dir)
-    reporter.note(f"training {config.encoder} U-Net on {where}; writing {run_dir}")
-    state = {
-        "epoch": 0,
-        "best_epoch": None,
-        "best_val_dice": None,
-        "since_best": 0,
-        "plateau_wait": 0,
-        "seconds": 0.0,
-    }
-    return _fit(run_dir, config, scaling, strategy, net, optimizer, state, [], reporter)
+        optimizer = _compile(net, config, replicas)
+    with _output_dir(placement, runs_dir, name, exist_ok, reporter) as run_dir:
+        saved = {
+            **to_dict(config),
+            "precision_reason": reason,
+            "effective_lr": effective_lr(config, replicas),
+            "input_scaling": scaling,
+            "keras_engine": model.keras_engine(),
+            "cache_manifest_sha256": cache.manifest_sha256,
+            "preprocess": cache.settings,
+            "replicas": replicas,
+            "workers": placement.workers,
+            "global_batch_size": config.batch_size * replicas,
+            "strategy": placement.description,
+            "train_images": len(train_records),
+            "val_images": len(val_records),
+            "versions": model.package_versions(),
+            "pneumo_version": __version__,
+        }
+        atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
+        for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / stale).unlink()
+        if placement.is_chief:
+            runs.mark_latest(run_dir)
+        reporter.note(
+            f"training {config.encoder} U-Net in {precision} ({reason}) on "
+            f"{placement.description}; writing {run_dir}"
+        )
+        state = {
+            "epoch": 0,
+            "best_epoch": None,
+            "best_val_dice": None,
+            "since_best": 0,
+            "plateau_wait": 0,
+            "seconds": 0.0,
+        }
+        return _fit(run_dir, config, scaling, placement, net, optimizer, state, [], reporter)
+
+
+def _resolve_precision(requested: str, placement: Placement) -> tuple[str, str]:
+    tf = model.import_tf()
+    names = []
+    if placement.gpus:
+        for device in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(device)
+            names.append(str(details.get("device_name", device.name)))
+    return choose_precision(requested, placement.gpus, names)
+
+
+@contextlib.contextmanager
+def _output_dir(
+    placement: Placement,
+    runs_dir: str | Path,
+    name: str | None,
+    exist_ok: bool,
+    reporter: TrainReporter,
+    existing: Path | None = None,
+) -> Iterator[Path]:
+    """The folder this process writes the run into: the run itself on the chief (``existing``
+    when resuming), a temporary folder on any other worker, removed afterwards."""
+    if placement.is_chief:
+        yield existing if existing is not None else runs.create_run_dir(runs_dir, name, exist_ok)
+        return
+    role = placement.role
+    scratch = Path(tempfile.mkdtemp(prefix=f"pneumo-{role.task_type}{role.task_index}-"))
+    reporter.note(
+        f"{role.task_type} {role.task_index} of {role.workers}: the chief writes the run; "
+        f"this worker writes into {scratch} (removed at the end)"
+    )
+    try:
+        if existing is not None:
+            shutil.copy2(existing / runs.CONFIG_FILE, scratch / runs.CONFIG_FILE)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def resume_training(
@@ -219,18 +299,22 @@ def resume_training(
     reporter: TrainReporter | None = None,
     gpus: int | None = None,
     cpu_replicas: int = 1,
+    multi_worker: bool = False,
 ) -> TrainResult:
     """Continue an unfinished run from its last epoch: weights, optimizer state, epoch count.
 
     Args:
         run: the run folder (None = the latest run under ``runs_dir``).
         gpus: override the run's device choice (the global batch then changes with it).
+        multi_worker: continue on the ``TF_CONFIG`` cluster (the run folder must be on a
+            filesystem every worker sees); without it the run continues on this machine.
 
     Raises:
         ConfigError: not a run, a run without saved state, a finished run, or a cache whose
             manifest changed since the run started.
     """
     reporter = reporter or SilentReporter()
+    placement = make_multi_worker_strategy(gpus) if multi_worker else None
     run_dir = runs.resolve_run(run, runs_dir)
     saved = runs.load_run_config(run_dir)
     config = config_from_run(saved, str(run_dir / runs.CONFIG_FILE))
@@ -248,18 +332,25 @@ def resume_training(
             f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
             "train on other data: start a new run"
         )
-    strategy, where = make_strategy(config.gpus, cpu_replicas)
+    if placement is None:
+        placement = Placement(*make_strategy(config.gpus, cpu_replicas))
+    if config.precision == "fp16" and not placement.gpus:
+        raise ConfigError(
+            f"{run_dir} trained in fp16, which needs a GPU, and this machine trains on the CPU"
+        )
     tf = model.import_tf()
-    with strategy.scope():
+    with placement.strategy.scope():
         net = model.build_model(config.encoder, cache.image_size, "none", config.precision)
-        optimizer = _compile(net, config)
+        optimizer = _compile(net, config, placement.replicas)
         checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
         checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
     history = [row for row in runs.read_history(run_dir) if row["epoch"] <= state["epoch"]]
-    reporter.note(f"resuming {run_dir} at epoch {state['epoch'] + 1} on {where}")
-    runs.mark_latest(run_dir)
+    reporter.note(f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}")
     scaling = saved["input_scaling"]
-    return _fit(run_dir, config, scaling, strategy, net, optimizer, state, history, reporter)
+    with _output_dir(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
+        if placement.is_chief:
+            runs.mark_latest(run_dir)
+        return _fit(out_dir, config, scaling, placement, net, optimizer, state, history, reporter)
 
 
 def _read_state(run_dir: Path) -> dict[str, Any]:
@@ -363,7 +454,7 @@ class _Recorder:
                     old.unlink()
         self.write_summary()
 
-    def write_summary(self) -> TrainResult:
+    def write_summary(self, weights_sha256: str | None = None) -> TrainResult:
         speeds = [row["images_per_s"] for row in self.history]
         best = self.state["best_epoch"]
         best_row = self.history[best - 1] if best and best <= len(self.history) else {}
@@ -375,6 +466,7 @@ class _Recorder:
             best_val_dice=self.state["best_val_dice"],
             seconds=round(self.state["seconds"], 3),
             images_per_s=round(sum(speeds) / len(speeds), 3) if speeds else None,
+            weights_sha256=weights_sha256,
         )
         summary = {
             **dataclasses.asdict(result),
@@ -417,38 +509,54 @@ def _fit(
     run_dir: Path,
     config: TrainConfig,
     scaling: str,
-    strategy: Any,
+    placement: Placement,
     net: Any,
     optimizer: Any,
     state: dict[str, Any],
     history: list[dict[str, Any]],
     reporter: TrainReporter,
 ) -> TrainResult:
+    tf = model.import_tf()
     cache, train_records, val_records = _load_data(config)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas
+    global_batch = config.batch_size * placement.replicas
     steps = config.steps_per_epoch or max(1, math.ceil(len(train_records) / global_batch))
-    train_data = data.make_train_dataset(
-        train_records,
-        cache.image_size,
-        scaling,
-        global_batch,
-        steps,
-        seed=config.seed,
-        first_epoch=state["epoch"],
-        epochs=config.epochs,
-        augment=config.augment,
-        pos_fraction=data.parse_pos_fraction(config.pos_fraction),
-    )
-    val_data = data.make_eval_dataset(val_records, cache.image_size, scaling, global_batch)
+
+    def train_dataset(input_context: Any = None) -> Any:
+        return data.make_train_dataset(
+            train_records,
+            cache.image_size,
+            scaling,
+            global_batch,
+            steps,
+            seed=config.seed,
+            first_epoch=state["epoch"],
+            epochs=config.epochs,
+            augment=config.augment,
+            pos_fraction=data.parse_pos_fraction(config.pos_fraction),
+            input_context=input_context,
+        ).dataset
+
+    val_dataset = data.make_eval_dataset(
+        val_records, cache.image_size, scaling, global_batch
+    ).dataset
+    if placement.role is None:
+        train_input = train_dataset()
+    else:
+        # Each worker builds only its own shard of every global batch.
+        train_input = placement.strategy.distribute_datasets_from_function(train_dataset)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        val_dataset = val_dataset.with_options(options)
     recorder = _Recorder(
         run_dir, config, net, optimizer, state, history, global_batch, steps, reporter
     )
     state.setdefault("status", "running")
     try:
         net.fit(
-            train_data.dataset,
-            validation_data=val_data.dataset,
+            train_input,
+            validation_data=val_dataset,
             epochs=config.epochs,
             initial_epoch=state["epoch"],
             steps_per_epoch=steps,
@@ -463,4 +571,22 @@ def _fit(
             atomic_write_json(run_dir / STATE_FILE, state)
             recorder.write_summary()
         raise
-    return recorder.write_summary()
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError) as exc:  # fmt: skip
+        if placement.role is None:
+            raise
+        state["status"] = "interrupted"
+        atomic_write_json(run_dir / STATE_FILE, state)
+        recorder.write_summary()
+        why = {
+            "DeadlineExceededError": f"a collective waited over {COLLECTIVE_TIMEOUT_S} s",
+            "UnavailableError": f"a worker died or was silent for {HEARTBEAT_TIMEOUT_S} s",
+        }.get(type(exc).__name__, "the cluster aborted the step")
+        resume = str(run_dir) if placement.is_chief else "RUN"
+        raise ConfigError(
+            f"lost contact with another worker during epoch {state['epoch'] + 1} "
+            f"({type(exc).__name__}: {why}); the last checkpoint is epoch {state['epoch']}: "
+            f"restart every worker with `pneumo train --resume {resume} --multi-worker`, or "
+            f"continue here with `pneumo train --resume {resume}`"
+        ) from None
+    return recorder.write_summary(model.weights_sha256(net))

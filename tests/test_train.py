@@ -79,8 +79,9 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
     assert saved["preprocess"]["image_size"] == 64 and saved["precision"] == "fp32"
     assert len(saved["cache_manifest_sha256"]) == 64
     assert saved["versions"]["tensorflow"].startswith("2.")
+    settings = {**FAST, "precision": "fp32"}  # config.json records the resolved precision
     resolved = training.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
-                                    steps_per_epoch=15, **FAST)  # fmt: skip
+                                    steps_per_epoch=15, **settings)  # fmt: skip
     assert training.config_from_run(saved) == resolved  # config.json round-trips
 
     summary = json.loads((run_dir / "summary.json").read_text())

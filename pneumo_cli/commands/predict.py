@@ -14,6 +14,14 @@ RunOption = Annotated[
     Path | None,
     typer.Option("--run", help="Run folder written by `pneumo train` (default: runs/latest)."),
 ]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Predict with a model written by `pneumo export` (its folder, or the model.onnx, "
+        "model.tflite or saved_model in it) instead of a run; ONNX needs onnxruntime only.",
+    ),
+]
 TtaOption = Annotated[
     str, typer.Option("--tta", help="Test-time augmentation: none, or hflip (mirror average).")
 ]
@@ -57,6 +65,7 @@ def predict(
         ),
     ] = None,
     run: RunOption = None,
+    model: ModelOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
     cache: Annotated[
         Path | None, typer.Option("--cache", help="Predict cached images instead of files.")
@@ -82,8 +91,10 @@ def predict(
 
     Applies the preprocessing recorded in the run, then the post-processing gate (the run's
     postprocess.json from `pneumo evaluate --tune`, else 0.5 / 0 / 0.5 / 0; each value can be
-    overridden). Writes OUT/masks/<ImageId>.png (0/255), OUT/predictions.csv (ImageId,
-    has_pneumothorax, max_prob, area_px, EncodedPixels) and OUT/submission.csv (Kaggle format).
+    overridden). With --model, an exported model is used instead, with the preprocessing and
+    gate recorded in its pneumo-model.json. Writes OUT/masks/<ImageId>.png (0/255),
+    OUT/predictions.csv (ImageId, has_pneumothorax, max_prob, area_px, EncodedPixels) and
+    OUT/submission.csv (Kaggle format).
     Unreadable inputs are listed in OUT/rejected.csv; finished images are skipped on a re-run
     unless --overwrite.
     """
@@ -95,6 +106,7 @@ def predict(
     summary = run_predict(
         inputs or [],
         run=run,
+        model=model,
         out_dir=out,
         cache=cache,
         split=split,

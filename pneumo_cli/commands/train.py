@@ -16,7 +16,7 @@ from pneumo_cli.errors import ConfigError
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
     "steps_per_epoch", "patience", "reduce_lr_patience", "pos_fraction", "augment", "seed",
-    "precision",
+    "precision", "scale_lr",
 )  # fmt: skip
 
 
@@ -165,16 +165,38 @@ def train(
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option("--precision", help="fp32 or bf16 (mixed bfloat16) [default: fp32]."),
+        typer.Option(
+            "--precision",
+            help="fp32, bf16 (mixed bfloat16), fp16 (mixed float16 with loss scaling; GPU only) "
+            "or auto: fp16 on NVIDIA GPUs, fp32 on CPUs unless bf16 was measured faster there "
+            "[default: auto].",
+        ),
+    ] = None,
+    scale_lr: Annotated[
+        bool | None,
+        typer.Option(
+            "--scale-lr/--no-scale-lr",
+            help="Multiply --lr by the number of replicas in sync (linear scaling rule) "
+            "[default: off].",
+        ),
     ] = None,
     gpus: Annotated[
         int | None,
         typer.Option(
             "--gpus",
-            help="0 = CPU; N = MirroredStrategy on the first N GPUs "
-            "[default: 1 GPU if visible, else CPU].",
+            help="0 = CPU; N = MirroredStrategy on the first N GPUs (per machine with "
+            "--multi-worker) [default: 1 GPU if visible, else CPU; all GPUs with "
+            "--multi-worker].",
         ),
     ] = None,
+    multi_worker: Annotated[
+        bool,
+        typer.Option(
+            "--multi-worker",
+            help="Train on the cluster in TF_CONFIG (MultiWorkerMirroredStrategy): start the "
+            "same command on every machine; the chief writes the run.",
+        ),
+    ] = False,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -190,6 +212,9 @@ def train(
     config.json, best.keras, last.keras, history.csv, curves.png and summary.json, and points
     runs/latest at it. Validation Dice is the SIIM per-image Dice at threshold 0.5 (an empty
     prediction on an empty mask scores 1). Ctrl-C saves the state; --resume continues.
+
+    The global batch is --batch-size x replicas (GPUs, or 1 per CPU machine) x machines.
+    Exit codes: 0 done, 1 bad input or a lost worker (one line on stderr), 130 Ctrl-C.
     """
     options = dict(locals())
     given = {key: value for key, value in options.items() if key in _TUNABLE and value is not None}
@@ -204,10 +229,14 @@ def train(
                     f"--resume continues with the run's own settings; drop {flags} "
                     "(or start a new run with them)"
                 )
-            result = training.resume_training(resume, runs_dir, reporter, gpus=gpus)
+            result = training.resume_training(
+                resume, runs_dir, reporter, gpus=gpus, multi_worker=multi_worker
+            )
         else:
             config = training.TrainConfig(cache=str(cache), gpus=gpus, **given)
-            result = training.train(config, runs_dir, name, exist_ok, reporter)
+            result = training.train(
+                config, runs_dir, name, exist_ok, reporter, multi_worker=multi_worker
+            )
     finally:
         reporter.close()
     _render(result, json_output)

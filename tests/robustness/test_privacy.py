@@ -123,3 +123,89 @@ def test_keep_phi_writes_the_fields_to_phi_csv_only(raw: Path, tmp_path: Path) -
     assert again.returncode == 0, again.stderr
     assert not (cache / "phi.csv").exists()
     assert not [p for p in cache.rglob("*") if p.is_file() and leaks(p.read_bytes())]
+
+
+# --- the TensorFlow commands and demo-data ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phi_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """14 labelled DICOMs of 14 patients, each with all five patient fields, plus a truncated
+    one with patient fields (its rejection reason must not leak them either)."""
+    root = tmp_path_factory.mktemp("phi_tf")
+    raw = root / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(21)
+    for i in range(14):
+        fields = phi_of(i % 10) | {"PatientID": f"PHI-ID-4815162{i:02d}"}
+        write_dicom(raw / f"q{i:02d}.dcm", fake_xray(rng, 128, border=4),
+                    patient_id=fields["PatientID"], extra=fields)  # fmt: skip
+    bad = phi_of(7)
+    write_dicom(raw / "trunc.dcm", fake_xray(rng, 128), patient_id=bad["PatientID"], extra=bad)
+    data = (raw / "trunc.dcm").read_bytes()
+    (raw / "trunc.dcm").write_bytes(data[: len(data) // 2])
+    write_rle_csv(root / "labels.csv", [f"q{i:02d}" for i in range(14)], 128, seed=4)
+    return raw
+
+
+def test_train_predict_evaluate_never_write_or_print_patient_fields(
+    phi_raw: Path, tmp_path: Path
+) -> None:
+    """preprocess (64 px) -> train (resnet18, 1 short epoch) -> predict (in a real process, so
+    native logs are searched too) -> evaluate --tune and on test -> overlay of the predicted masks
+    -> a refused resume:
+    no artifact and no console output holds a patient field."""
+    labels = phi_raw.parent / "labels.csv"
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    run = runs / "phi"
+    steps = [
+        ["preprocess", phi_raw, cache, "--rle", labels, "--image-size", "64", "--workers", "1",
+         "--val-fraction", "0.25", "--test-fraction", "0.2"],
+        ["train", "--cache", cache, "--runs-dir", runs, "--name", "phi", "--encoder", "resnet18",
+         "--encoder-weights", "none", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
+         "2", "--gpus", "0"],
+        ["predict", phi_raw, "--run", run, "--out", tmp_path / "pred", "--save-probs", "--json"],
+        ["evaluate", "--run", run, "--tune", "--out", tmp_path / "ev"],
+        ["evaluate", "--run", run, "--split", "test", "--at", "model", "--json"],
+        ["overlay", phi_raw, "--masks", tmp_path / "pred" / "masks", "--out", tmp_path / "ov"],
+        ["train", "--resume", run],  # refused: the run has finished
+    ]  # fmt: skip
+    codes = []
+    for args in steps:
+        if args[0] == "predict" and args[1] == phi_raw:  # a real process: native logs too
+            done = run_pneumo(*args, timeout=300)
+            code, console = done.returncode, (done.stdout + done.stderr).encode()
+        else:
+            result = runner.invoke(app, [str(arg) for arg in args])
+            code, console = result.exit_code, (result.stdout + result.stderr).encode()
+        codes.append(code)
+        assert leaks(console) == [], f"pneumo {args[0]} printed patient fields: {console[:300]}"
+    assert codes == [0, 0, 0, 0, 0, 0, 1]
+    assert "trunc.dcm" in (tmp_path / "pred" / "rejected.csv").read_text()
+    artifacts = [p for p in tmp_path.rglob("*") if p.is_file()]
+    folders = {p.relative_to(tmp_path).parts[0] for p in artifacts}
+    assert {"cache", "runs", "pred", "ev", "ov"} <= folders
+    assert (run / "best.keras").is_file() and (run / "eval-test" / "metrics.json").is_file()
+    assert len(artifacts) > 60
+    found = {str(p.relative_to(tmp_path)): leaks(p.read_bytes()) for p in artifacts}
+    assert {name: hits for name, hits in found.items() if hits} == {}
+
+
+def test_demo_data_never_prints_the_patient_fields_it_writes(tmp_path: Path) -> None:
+    import pydicom
+
+    result = runner.invoke(app, ["demo-data", str(tmp_path / "demo"), "--n", "4", "--size",
+                                 "128", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = set()
+    for path in (tmp_path / "demo").rglob("*.dcm"):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - the demo's corrupt files on purpose
+            continue
+        written |= {str(header.PatientID), str(header.PatientName)}
+    written.discard("")  # the demo's broken files
+    assert "SYNTHETIC^PHANTOM" in written and len(written) >= 3
+    console = result.stdout + result.stderr
+    assert [value for value in written if value in console] == []
+    assert json.loads(result.stdout)["images"] == 4
