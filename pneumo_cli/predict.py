@@ -96,7 +96,7 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
         ConfigError: not a run, unknown TTA, or a config without the settings inference needs.
         InputError: the run has no readable ``best.keras``.
     """
-    from pneumo_cli.model import import_tf, load_model, scale_input
+    from pneumo_cli.model import SCALINGS, import_tf, load_model, scale_input
     from pneumo_cli.runs import load_run_config
 
     if tta not in TTA_MODES:
@@ -107,6 +107,11 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
     if missing:
         raise ConfigError(f"{run_dir}/config.json lacks {', '.join(missing)}; retrain the run")
     settings = from_dict(PreprocessConfig, config["preprocess"], f"{run_dir}/config.json")
+    if config["input_scaling"] not in SCALINGS:
+        raise ConfigError(
+            f"{run_dir}/config.json: unknown input_scaling {config['input_scaling']!r}; "
+            f"expected one of {', '.join(SCALINGS)}"
+        )
     model_path = run_dir / MODEL_FILE
     if not model_path.is_file():
         raise InputError(f"{run_dir} has no {MODEL_FILE}: was it written by `pneumo train`?")

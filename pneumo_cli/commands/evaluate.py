@@ -9,18 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from pneumo_cli.commands.options import Json, Quiet
+from pneumo_cli.commands.options import Json, Quiet, Tta
 
 
 class Split(StrEnum):
     train = "train"
     val = "val"
     test = "test"
-
-
-class Tta(StrEnum):
-    none = "none"
-    hflip = "hflip"
 
 
 class ScoreAt(StrEnum):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -18,3 +19,10 @@ Workers = Annotated[
     int | None,
     typer.Option("--workers", "-j", min=1, help="Parallel workers (default: all CPU cores)."),
 ]
+
+
+class Tta(StrEnum):
+    """Test-time augmentation: ``hflip`` averages a prediction with that of the mirror image."""
+
+    none = "none"
+    hflip = "hflip"

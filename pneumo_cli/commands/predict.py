@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pneumo_cli.commands.options import Json, Overwrite, Quiet, Workers
+from pneumo_cli.commands.options import Json, Overwrite, Quiet, Tta, Workers
 from pneumo_cli.commands.render import print_summary
 
 RunOption = Annotated[
@@ -23,7 +23,7 @@ ModelOption = Annotated[
     ),
 ]
 TtaOption = Annotated[
-    str, typer.Option("--tta", help="Test-time augmentation: none, or hflip (mirror average).")
+    Tta, typer.Option("--tta", help="Test-time augmentation: none, or hflip (mirror average).")
 ]
 TopThreshold = Annotated[
     float | None,
@@ -73,7 +73,7 @@ def predict(
     split: Annotated[
         str, typer.Option("--split", help="With --cache: train, val or test.")
     ] = "test",
-    tta: TtaOption = "none",
+    tta: TtaOption = Tta.none,
     top_threshold: TopThreshold = None,
     min_area: MinArea = None,
     bottom_threshold: BottomThreshold = None,
@@ -103,6 +103,8 @@ def predict(
     from pneumo_cli.console import print_warning, progress_bar
     from pneumo_cli.predict import predict as run_predict
 
+    if bool(inputs) == (cache is not None):
+        raise typer.BadParameter("give either INPUT files/folders or --cache CACHE, not both")
     summary = run_predict(
         inputs or [],
         run=run,
@@ -110,7 +112,7 @@ def predict(
         out_dir=out,
         cache=cache,
         split=split,
-        tta=tta,
+        tta=tta.value,
         gate_overrides={
             "top_threshold": top_threshold,
             "min_area_px": min_area,

@@ -160,10 +160,6 @@ BUG_RANGE = (
     "commands/train.py checks value ranges in the library (ConfigError, exit 1) where every "
     "other command lets Typer refuse them (exit 2); see /work/notes/robustness2.md"
 )
-BUG_CHOICE = (
-    "predict --tta is checked in the library (exit 1) while evaluate --tta is a Typer choice "
-    "(exit 2); see /work/notes/robustness2.md"
-)
 BUG_COMBINATION = (
     "forbidden option combinations of predict/train exit 1 (ConfigError) where preprocess and "
     "evaluate exit 2 (usage error); see /work/notes/robustness2.md"
@@ -207,10 +203,8 @@ TF_CASES = [
     ("predict", [F("dicom"), "--run", F("run"), "--top-threshold", "2"], 2),
     ("predict", [F("dicom"), "--run", F("run"), "--batch-size", "0"], 2),
     ("predict", [F("dicom"), "--run", F("run"), "--bogus"], 2),
-    pytest.param("predict", [F("dicom"), "--run", F("run"), "--tta", "vflip"], 2,
-                 marks=known_bug(BUG_CHOICE)),
-    pytest.param("predict", [F("dicom"), "--run", F("run"), "--cache", F("cache")], 2,
-                 marks=known_bug(BUG_COMBINATION)),
+    ("predict", [F("dicom"), "--run", F("run"), "--tta", "vflip"], 2),
+    ("predict", [F("dicom"), "--run", F("run"), "--cache", F("cache")], 2),
     # evaluate, model mode
     ("evaluate", ["--run", F("run"), "--out", F("ev"), "-q"], 0),
     ("evaluate", ["--run", F("missing")], 1),

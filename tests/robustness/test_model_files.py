@@ -203,10 +203,6 @@ BUG_TYPES = (
     "runs.load_run_config/config.from_dict do not check value types: a non-object 'preprocess' "
     "reaches from_dict and raises TypeError (traceback); see /work/notes/robustness2.md"
 )
-BUG_SCALING = (
-    "predict.load_predictor does not check input_scaling before tracing: the ConfigError comes "
-    "out of tf.function wrapped with TF's source listing; see /work/notes/robustness2.md"
-)
 BUG_BOOL = (
     "config.from_dict does not check value types: clahe 'no' is taken as true and the image is "
     "preprocessed differently without a word; see /work/notes/robustness2.md"
@@ -227,8 +223,7 @@ BUG_BOOL = (
                      marks=known_bug(BUG_TYPES)),
         pytest.param(lambda c: {**c, "cache": 5}, "evaluate", "cache",
                      marks=known_bug(BUG_TYPES)),
-        pytest.param(lambda c: {**c, "input_scaling": 5}, "predict", "input_scaling",
-                     marks=known_bug(BUG_SCALING)),
+        (lambda c: {**c, "input_scaling": 5}, "predict", "input_scaling"),
         pytest.param(lambda c: {**c, "preprocess": {**c["preprocess"], "clahe": "no"}},
                      "predict", "clahe", marks=known_bug(BUG_BOOL)),
     ],
