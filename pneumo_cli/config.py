@@ -6,7 +6,10 @@ run records exactly the settings it was made with and every later command reuses
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import typing
 from typing import Any, TypeVar
 
 from pneumo_cli.errors import ConfigError
@@ -22,23 +25,106 @@ def to_dict(settings: Any) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
     """Build ``cls`` from ``data``, refusing unknown keys; missing keys take their defaults.
 
+    Every value must have its field's type, as JSON gives it: a ``bool`` field takes only
+    true/false, an ``int`` field an integer (not true/false), a ``float`` field any number, a
+    ``str`` field a string, a tuple field a list (made a tuple), and ``X | None`` also null.
+    Nothing is converted silently: ``"no"`` is not false and ``"64"`` is not 64.
+
     Raises:
-        ConfigError: naming ``source`` and the unknown keys or bad values.
+        ConfigError: naming ``source`` and the unknown keys or the first bad value.
     """
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object of settings, got {_json_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
             f"{source}: unknown setting(s) {', '.join(unknown)}; was it written by a newer pneumo?"
         )
     values = {}
     for key, value in data.items():
-        default = getattr(cls, key, None)
-        values[key] = tuple(value) if isinstance(default, tuple) and value is not None else value
+        try:
+            values[key] = _typed(value, hints[key])
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {key} must be {exc}, got {_shown(value)}") from None
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(value: Any, annotation: Any) -> Any:
+    """``value`` checked against a field annotation (a list becomes a tuple).
+
+    Raises:
+        TypeError: whose message describes what the annotation accepts.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        for option in options:
+            with contextlib.suppress(TypeError):
+                return _typed(value, option)
+        described = " or ".join(_describe(option) for option in options)
+        raise TypeError(described + (" or null" if type(None) in args else ""))
+    if annotation is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(item, args[0]) for item in value)
+        return tuple(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, annotation)
+    if not ok:
+        raise TypeError(_describe(annotation))
+    return value
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple or annotation is tuple:
+        return "a list"
+    return _KINDS.get(annotation, f"a {getattr(annotation, '__name__', annotation)}")
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON would call the type of ``value``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a one-line message: JSON spelling, cut to 60 characters."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 NORMALISATION_NOTE = "none here: scaling to the network's input range is done in the data pipeline"

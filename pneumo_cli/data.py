@@ -455,11 +455,11 @@ def make_train_dataset(
 
     dataset = (
         tf.data.Dataset.from_tensor_slices((plan, plan_seeds))
-        .map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(sample, num_parallel_calls=_parallel_calls(), deterministic=True)
         .batch(out_batch, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(PREFETCH_BATCHES)
     )
-    return Pipeline(dataset, steps_per_epoch, in_memory)
+    return Pipeline(_without_autotune(dataset), steps_per_epoch, in_memory)
 
 
 def shard_plan(
@@ -505,8 +505,29 @@ def make_eval_dataset(
 
     dataset = (
         tf.data.Dataset.range(len(records))
-        .map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(sample, num_parallel_calls=_parallel_calls(), deterministic=True)
         .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(PREFETCH_BATCHES)
     )
-    return Pipeline(dataset, math.ceil(len(records) / batch_size), in_memory)
+    return Pipeline(_without_autotune(dataset), math.ceil(len(records) / batch_size), in_memory)
+
+
+PREFETCH_BATCHES = 2
+
+
+def _parallel_calls() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _without_autotune(dataset: Any) -> Any:
+    """Fixed parallelism instead of tf.data's autotuner.
+
+    Measured on 2 CPU cores (resnet34 U-Net, 256 px, batch 16): with the autotuner on, training
+    fed by this pipeline ran at 3.9 images/s against 7.6 for the network alone; its background
+    tuning competes with the network's own threads. With it off: 7.9 images/s. Decoding and
+    augmenting a batch takes ~20 ms of a ~2 s step, so fixed settings lose nothing.
+    """
+    tf = import_tf()
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)

@@ -143,14 +143,42 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# Backbones whose segmentation_models U-Net contains Lambda layers (Python code): the
+# grouped convolutions of ResNeXt/SENet slice channels in a Lambda, the squeeze-excitation
+# blocks of SE-ResNet(X)/SENet expand dimensions in one, and Inception-ResNet-v2 scales its
+# residuals in one (found by building every backbone at 64 px). load_model never runs code
+# from a model file, so a run of theirs could never be loaded again: training refuses them up
+# front, and build_model also checks every network it builds.
+CODE_ENCODERS = (
+    "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152", "seresnext50",
+    "seresnext101", "senet154", "resnext50", "resnext101", "inceptionresnetv2",
+)  # fmt: skip
+
+
 def available_encoders() -> list[str]:
-    """Encoder (backbone) names segmentation_models can build."""
+    """Encoder (backbone) names pneumo can train: those segmentation_models can build, minus
+    :data:`CODE_ENCODERS`, whose models could never be loaded again."""
+    return [name for name in _known_encoders() if name not in CODE_ENCODERS]
+
+
+def _known_encoders() -> list[str]:
     return list(import_sm().get_available_backbone_names())
 
 
 def check_encoder(encoder: str) -> str:
-    """Return ``encoder`` if segmentation_models knows it, else raise ConfigError listing them."""
+    """Return ``encoder`` if pneumo can train it, else raise ConfigError listing those it can.
+
+    Raises:
+        ConfigError: the encoder is unknown, or is one of :data:`CODE_ENCODERS` (the message
+            says why: its models hold code, which pneumo never loads).
+    """
     names = available_encoders()
+    if encoder in CODE_ENCODERS:
+        raise ConfigError(
+            f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers (Python "
+            "code), and pneumo refuses to load model files holding code, so its runs could "
+            f"never be used by predict, evaluate or export; choose one of: {', '.join(names)}"
+        )
     if encoder not in names:
         raise ConfigError(f"unknown encoder '{encoder}'; choose one of: {', '.join(names)}")
     return encoder
@@ -166,7 +194,8 @@ def input_scaling_for(encoder: str) -> str:
         ConfigError: the encoder is unknown or its preprocessing matches none of the scalings.
     """
     sm = import_sm()
-    check_encoder(encoder)
+    if encoder not in _known_encoders():  # any backbone: scaling is not about training
+        check_encoder(encoder)
     probe = np.repeat(np.array([0.0, 17.0, 128.0, 255.0]).reshape(1, 2, 2, 1), 3, axis=3)
     expected = np.asarray(sm.get_preprocessing(encoder)(probe.copy()), dtype=np.float64)
     for name in SCALINGS:
@@ -466,7 +495,8 @@ def build_model(
         (:func:`scale_input`) to float32 (B, image_size, image_size, 1) probabilities.
 
     Raises:
-        ConfigError: unknown encoder, bad size, weights that do not fit or cannot be obtained.
+        ConfigError: unknown encoder or one whose U-Net holds code (:data:`CODE_ENCODERS`),
+            bad size, weights that do not fit or cannot be obtained.
     """
     sm = import_sm()
     tf = import_tf()
@@ -479,13 +509,27 @@ def build_model(
     elif encoder_weights not in (None, "none"):
         weights_path = Path(encoder_weights)
     with precision_policy(precision):
-        unet = sm.Unet(
-            encoder,
-            input_shape=(image_size, image_size, 3),
-            classes=1,
-            activation="sigmoid",
-            encoder_weights=None,
-        )
+        try:
+            unet = sm.Unet(
+                encoder,
+                input_shape=(image_size, image_size, 3),
+                classes=1,
+                activation="sigmoid",
+                encoder_weights=None,
+            )
+        except ValueError as exc:  # e.g. inceptionv3: "Input size must be at least 75x75"
+            reason = " ".join(str(exc).split())[:160]
+            raise ConfigError(
+                f"encoder '{encoder}' cannot be built at {image_size} px ({reason}); "
+                "preprocess at a larger --image-size or choose another encoder"
+            ) from None
+        code = [layer.name for layer in unet.layers if type(layer).__name__ in _CODE_LAYERS]
+        if code:
+            raise ConfigError(
+                f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers "
+                f"('{code[0]}'), and pneumo refuses to load model files holding code; choose "
+                f"one of: {', '.join(available_encoders())}"
+            )
         if precision != "fp32":
             # Under a mixed policy segmentation_models' sigmoid outputs bfloat16/float16;
             # recompute it in float32 from the last convolution so the loss sees float32.

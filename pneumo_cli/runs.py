@@ -72,13 +72,15 @@ def check_run_name(
             "(and not 'latest')"
         )
     run_dir = runs_dir / (name or _next_free_name(runs_dir))
-    if run_dir.exists() and not exist_ok:
-        raise OutputError(
-            f"run {run_dir} exists already; choose another --name, add --exist-ok to write "
-            "into it, or --resume it"
-        )
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{run_dir} exists and is not a folder")
+    if run_dir.exists() and not exist_ok:
+        # --resume continues any run with a config.json, even one stopped before its first
+        # epoch ended; a folder without one holds nothing to resume.
+        choices = "choose another --name or add --exist-ok to write into it"
+        if (run_dir / CONFIG_FILE).is_file():
+            choices = "choose another --name, add --exist-ok to write into it, or --resume it"
+        raise OutputError(f"run {run_dir} exists already; {choices}")
     return run_dir
 
 
@@ -138,8 +140,12 @@ def resolve_run(
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The settings a run was trained with (its ``config.json``).
 
+    The keys later commands read directly (``preprocess``, ``cache``, ``encoder``,
+    ``input_scaling``, ``image_size``, ``cache_manifest_sha256``) are type-checked when present.
+
     Raises:
-        ConfigError: missing or unreadable config.json.
+        ConfigError: missing or unreadable config.json, not an object, or one of those keys
+            with the wrong JSON type.
     """
     path = Path(run_dir) / CONFIG_FILE
     try:
@@ -150,7 +156,28 @@ def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    for key, (kind, described) in _RUN_CONFIG_TYPES.items():
+        value = data.get(key)
+        if key in data and not (isinstance(value, kind) and not isinstance(value, bool)):
+            shown = " ".join(json.dumps(value).split())
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ConfigError(
+                f"{path}: '{key}' must be {described}, got {shown}; was the file edited? "
+                "restore it or train the run again"
+            )
     return data
+
+
+# The types of the config.json keys that later commands read directly (the settings that go
+# through config.from_dict are checked there, key by key).
+_RUN_CONFIG_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "preprocess": (dict, "a JSON object"),
+    "cache": (str, "a string"),
+    "encoder": (str, "a string"),
+    "input_scaling": (str, "a string"),
+    "image_size": (int, "an integer"),
+    "cache_manifest_sha256": (str, "a string"),
+}
 
 
 HISTORY_FILE = "history.csv"

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,7 +38,7 @@ from pneumo_cli.distribute import (
     make_strategy,
 )
 from pneumo_cli.errors import ConfigError
-from pneumo_cli.files import atomic_write_json
+from pneumo_cli.files import TEMP_PREFIX, atomic_write_json, remove_stale_temporaries
 
 STATE_FILE = "state.json"
 STATE_DIR = "state"
@@ -132,6 +135,9 @@ def _check_settings(config: TrainConfig) -> None:
         raise ConfigError("--steps-per-epoch must be at least 1")
     if not config.lr > 0:
         raise ConfigError(f"--lr {config.lr} must be positive")
+    for name in ("patience", "reduce_lr_patience", "seed"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 0")
 
 
 def _load_data(config: TrainConfig) -> tuple[data.CacheInfo, list, list]:
@@ -235,23 +241,15 @@ def train(
             "pneumo_version": __version__,
         }
         atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
-        for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (run_dir / stale).unlink()
+        _remove_stale_results(run_dir)
         if placement.is_chief:
+            _remove_leftovers(run_dir, None)  # of a killed run this one writes over
             runs.mark_latest(run_dir)
         reporter.note(
             f"training {config.encoder} U-Net in {precision} ({reason}) on "
             f"{placement.description}; writing {run_dir}"
         )
-        state = {
-            "epoch": 0,
-            "best_epoch": None,
-            "best_val_dice": None,
-            "since_best": 0,
-            "plateau_wait": 0,
-            "seconds": 0.0,
-        }
+        state = _first_state()
         return _fit(run_dir, config, scaling, placement, net, optimizer, state, [], reporter)
 
 
@@ -303,6 +301,10 @@ def resume_training(
 ) -> TrainResult:
     """Continue an unfinished run from its last epoch: weights, optimizer state, epoch count.
 
+    A run stopped before its first epoch ended (no ``state.json`` yet) starts again from epoch
+    0 with its recorded settings, as ``pneumo train`` started it. Temporary files and partial
+    checkpoints a killed run left are removed first.
+
     Args:
         run: the run folder (None = the latest run under ``runs_dir``).
         gpus: override the run's device choice (the global batch then changes with it).
@@ -310,16 +312,19 @@ def resume_training(
             filesystem every worker sees); without it the run continues on this machine.
 
     Raises:
-        ConfigError: not a run, a run without saved state, a finished run, or a cache whose
-            manifest changed since the run started.
+        ConfigError: not a run, a config.json or state.json that is incomplete or has values
+            of the wrong type, a finished run, or a cache whose manifest changed since the run
+            started.
     """
     reporter = reporter or SilentReporter()
     placement = make_multi_worker_strategy(gpus) if multi_worker else None
     run_dir = runs.resolve_run(run, runs_dir)
     saved = runs.load_run_config(run_dir)
-    config = config_from_run(saved, str(run_dir / runs.CONFIG_FILE))
-    state = _read_state(run_dir)
-    if state["status"] in FINISHED:
+    config = _config_to_resume(saved, run_dir / runs.CONFIG_FILE)
+    # No state.json: the run was stopped before its first epoch ended. Its config.json holds
+    # every setting, so it starts again from epoch 0 exactly as `pneumo train` started it.
+    state = _read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
+    if state is not None and state["status"] in FINISHED:
         raise ConfigError(
             f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
             f"{state['epoch']} epoch(s)); start a new run instead of --resume"
@@ -338,14 +343,33 @@ def resume_training(
         raise ConfigError(
             f"{run_dir} trained in fp16, which needs a GPU, and this machine trains on the CPU"
         )
+    if placement.is_chief:
+        _remove_leftovers(run_dir, state["checkpoint"] if state else None)
     tf = model.import_tf()
+    if state is None:
+        tf.keras.utils.set_random_seed(config.seed)  # initial decoder weights, as train did
     with placement.strategy.scope():
-        net = model.build_model(config.encoder, cache.image_size, "none", config.precision)
+        weights = config.encoder_weights if state is None else "none"  # else: checkpoint's
+        net = model.build_model(
+            config.encoder, cache.image_size, weights, config.precision, notify=reporter.note
+        )
         optimizer = _compile(net, config, placement.replicas)
-        checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
-        checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
-    history = [row for row in runs.read_history(run_dir) if row["epoch"] <= state["epoch"]]
-    reporter.note(f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}")
+        if state is not None:
+            checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
+            checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
+    if state is None:
+        state, history = _first_state(), []
+        if placement.is_chief:
+            _remove_stale_results(run_dir)
+        reporter.note(
+            f"{run_dir} stopped before its first epoch ended; starting it again from epoch 1 "
+            f"on {placement.description}"
+        )
+    else:
+        history = [row for row in runs.read_history(run_dir) if row["epoch"] <= state["epoch"]]
+        reporter.note(
+            f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}"
+        )
     scaling = saved["input_scaling"]
     with _output_dir(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
         if placement.is_chief:
@@ -353,21 +377,154 @@ def resume_training(
         return _fit(out_dir, config, scaling, placement, net, optimizer, state, history, reporter)
 
 
-def _read_state(run_dir: Path) -> dict[str, Any]:
-    import json
+def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:
+    """The settings of a run to resume, checked as `pneumo train` checked them.
 
+    Raises:
+        ConfigError: naming ``path``: a setting --resume needs is missing (a default would
+            silently replace it), or has the wrong type or an impossible value.
+    """
+    needed = [f.name for f in dataclasses.fields(TrainConfig)]
+    needed += ["input_scaling", "cache_manifest_sha256"]
+    missing = [key for key in needed if key not in saved]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}: it was not written by `pneumo train` of this "
+            "version; start a new run"
+        )
+    config = config_from_run(saved, str(path))
+    try:
+        _check_settings(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _first_state() -> dict[str, Any]:
+    """The training state of a run before its first epoch."""
+    return {
+        "epoch": 0,
+        "best_epoch": None,
+        "best_val_dice": None,
+        "since_best": 0,
+        "plateau_wait": 0,
+        "seconds": 0.0,
+    }
+
+
+def _remove_stale_results(run_dir: Path) -> None:
+    """Delete what an earlier start of the run wrote that a fresh start must not inherit."""
+    for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / stale).unlink()
+
+
+# What a checkpoint write leaves in state/: PREFIX.index, PREFIX.data-00000-of-00001, and,
+# while TensorFlow writes, a PREFIX_temp/ folder that a kill leaves behind.
+_CHECKPOINT_ENTRY = re.compile(r"^epoch-\d{4}[._]")
+_LATEST_TEMPORARY = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-{runs.LATEST}$")
+
+
+def _remove_leftovers(run_dir: Path, keep: str | None) -> None:
+    """Delete what a killed run left: pneumo's temporary files in the run folder, the
+    ``latest`` pointer temporaries of dead processes in the runs folder, and every checkpoint
+    file or folder under ``state/`` other than those of the checkpoint ``keep`` (a prefix such
+    as ``state/epoch-0002``; None keeps none). Only pneumo's and TensorFlow's own name
+    patterns are touched."""
+    remove_stale_temporaries(run_dir)
+    for pointer in run_dir.parent.glob(f"{TEMP_PREFIX}*-{runs.LATEST}"):
+        found = _LATEST_TEMPORARY.match(pointer.name)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                pointer.unlink()
+    _remove_old_checkpoints(run_dir, keep)
+
+
+def _remove_old_checkpoints(run_dir: Path, keep: str | None) -> None:
+    kept = Path(keep).name + "." if keep else None
+    folder = run_dir / STATE_DIR
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if not _CHECKPOINT_ENTRY.match(entry.name) or (kept and entry.name.startswith(kept)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or not ours to judge: leave its file alone
+    return True
+
+
+_CHECKPOINT = re.compile(rf"^{STATE_DIR}/epoch-\d{{4}}$")
+_STATUSES = ("running", "interrupted", *FINISHED)
+
+
+def _read_state(run_dir: Path) -> dict[str, Any]:
+    """The training state saved after the last finished epoch (``state.json``), checked.
+
+    Raises:
+        ConfigError: one line naming the file when it is unreadable, or a value has the wrong
+            type or range (the checkpoint must be ``state/epoch-NNNN`` inside the run).
+    """
     path = run_dir / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("epoch", "checkpoint", "status"):
-            state[key]  # noqa: B018 - presence check
     except FileNotFoundError:
         raise ConfigError(
             f"{run_dir} has no {STATE_FILE}: it stopped before saving any state; start a new run"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable training state ({exc})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: unreadable training state (not a JSON object)")
+    problem = _state_problem(state)
+    if problem:
+        raise ConfigError(
+            f"{path}: unreadable training state ({problem}); was it edited? restore it, or "
+            "start a new run"
+        )
     return state
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed state.json, or None."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    checks = {
+        "epoch": (count, "an integer >= 0"),
+        "checkpoint": (
+            lambda v: isinstance(v, str) and bool(_CHECKPOINT.match(v)),
+            f"'{STATE_DIR}/epoch-NNNN'",
+        ),
+        "status": (lambda v: v in _STATUSES, f"one of {', '.join(_STATUSES)}"),
+        "best_epoch": (lambda v: v is None or count(v), "an integer or null"),
+        "best_val_dice": (lambda v: v is None or number(v), "a number or null"),
+        "since_best": (count, "an integer >= 0"),
+        "plateau_wait": (count, "an integer >= 0"),
+        "seconds": (lambda v: number(v) and v >= 0, "a number >= 0"),
+    }
+    for key, (ok, described) in checks.items():
+        if key not in state:
+            return f"no '{key}'"
+        if not ok(state[key]):
+            shown = " ".join(json.dumps(state[key]).split())[:60]
+            return f"'{key}' must be {described}, got {shown}"
+    return None
 
 
 def _better(value: float, best: float | None) -> bool:
@@ -448,10 +605,7 @@ class _Recorder:
             runs.plot_curves(self.run_dir, self.history)
         self.state.update(checkpoint=prefix, status=status)
         atomic_write_json(self.run_dir / STATE_FILE, self.state)
-        for old in (self.run_dir / STATE_DIR).glob("epoch-*"):
-            if not old.name.startswith(Path(prefix).name + "."):
-                with contextlib.suppress(OSError):
-                    old.unlink()
+        _remove_old_checkpoints(self.run_dir, prefix)
         self.write_summary()
 
     def write_summary(self, weights_sha256: str | None = None) -> TrainResult:

@@ -130,6 +130,36 @@ def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> 
         training.resume_training(cache, tmp_path)
 
 
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """What kill -9 leaves while saving: pneumo's temporary model file, TensorFlow's
+    state/epoch-N_temp/ folder, older checkpoints, a `latest` pointer temporary of a dead
+    process. Other files, the kept checkpoint and a live process's temporary stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    run = tmp_path / "runs" / "train"
+    (run / "state" / "epoch-0003_temp").mkdir(parents=True)
+    (run / "state" / "epoch-0003_temp" / "part-00000-of-00001.data-00000-of-00001").write_text("x")
+    planted = {
+        run / ".pneumo-tmp-4242-last.keras": False,
+        run / "state" / "epoch-0001.index": False,
+        run / "state" / "epoch-0002.index": True,
+        run / "state" / "epoch-0002.data-00000-of-00001": True,
+        run / "state" / "notes.txt": True,
+        run / "last.keras": True,
+        run.parent / f".pneumo-tmp-{os.getpid()}-latest": True,  # this process is alive
+    }
+    for path in planted:
+        path.write_text("x")
+    stale_pointer = run.parent / f".pneumo-tmp-{dead.stdout.strip()}-latest"
+    stale_pointer.symlink_to("train", target_is_directory=True)
+    training._remove_leftovers(run, "state/epoch-0002")
+    assert {path: path.exists() for path in planted} == planted
+    assert not (run / "state" / "epoch-0003_temp").exists()
+    assert not stale_pointer.is_symlink() and run.is_dir()
+    training._remove_leftovers(run, None)  # a fresh start keeps no checkpoint
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["notes.txt"]
+
+
 def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> None:
     config = training.TrainConfig(cache=str(cache), **FAST)
     with pytest.raises(ConfigError, match="holds 64 px images but --image-size is 128"):
@@ -177,7 +207,7 @@ def test_cli_trains_with_json_output_and_reports_errors_in_one_line(
     assert finished.stderr.strip().count("\n") == 0
     assert "has finished already" in finished.stderr
     mixed = runner.invoke(app, ["train", "--resume", "runs/train", "--lr", "0.1"])
-    assert mixed.exit_code == 1 and "drop --lr" in mixed.stderr
+    assert mixed.exit_code == 2 and "drop --lr" in mixed.stderr  # a usage error
     missing = runner.invoke(app, ["train", "--cache", "elsewhere"])
     assert missing.exit_code == 1 and "elsewhere does not exist" in missing.stderr
 

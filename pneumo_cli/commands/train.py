@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,6 @@ import typer
 
 from pneumo_cli.commands.options import Json, Quiet
 from pneumo_cli.console import bars_enabled, print_note, stderr_console, stdout_console
-from pneumo_cli.errors import ConfigError
 
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
@@ -112,26 +112,33 @@ def train(
         ),
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", help="Must match the cache [default: cache's].")
+        int | None,
+        typer.Option("--image-size", min=32, help="Must match the cache [default: cache's]."),
     ] = None,
     loss: Annotated[
         str | None, typer.Option("--loss", help="bce, bce-dice or focal-dice [default: bce].")
     ] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Adam learning rate [default: 1e-4].")
+        float | None, typer.Option("--lr", help="Adam learning rate, > 0 [default: 1e-4].")
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs [default: 50].")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Epochs [default: 50].")
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per step per device [default: 16].")
+        int | None,
+        typer.Option("--batch-size", min=1, help="Images per step per device [default: 16]."),
     ] = None,
     steps_per_epoch: Annotated[
         int | None,
-        typer.Option("--steps-per-epoch", help="Steps per epoch [default: one pass over train]."),
+        typer.Option(
+            "--steps-per-epoch", min=1, help="Steps per epoch [default: one pass over train]."
+        ),
     ] = None,
     patience: Annotated[
         int | None,
         typer.Option(
             "--patience",
+            min=0,
             help="Stop after this many epochs without a better val Dice; 0 = never [default: 10].",
         ),
     ] = None,
@@ -139,6 +146,7 @@ def train(
         int | None,
         typer.Option(
             "--reduce-lr-patience",
+            min=0,
             help="Halve the learning rate after this many flat epochs; 0 = off [default: 0].",
         ),
     ] = None,
@@ -160,7 +168,7 @@ def train(
     seed: Annotated[
         int | None,
         typer.Option(
-            "--seed", help="Seed for order, augmentation and initial weights [default: 0]."
+            "--seed", min=0, help="Seed for order, augmentation and initial weights [default: 0]."
         ),
     ] = None,
     precision: Annotated[
@@ -184,6 +192,7 @@ def train(
         int | None,
         typer.Option(
             "--gpus",
+            min=0,
             help="0 = CPU; N = MirroredStrategy on the first N GPUs (per machine with "
             "--multi-worker) [default: 1 GPU if visible, else CPU; all GPUs with "
             "--multi-worker].",
@@ -214,21 +223,18 @@ def train(
     prediction on an empty mask scores 1). Ctrl-C saves the state; --resume continues.
 
     The global batch is --batch-size x replicas (GPUs, or 1 per CPU machine) x machines.
-    Exit codes: 0 done, 1 bad input or a lost worker (one line on stderr), 130 Ctrl-C.
+    A run stopped before its first epoch ended starts again from epoch 1 with --resume.
+    Exit codes: 0 done, 1 bad input or a lost worker (one line on stderr), 2 usage error
+    (an impossible value, or settings given with --resume), 130 Ctrl-C.
     """
     options = dict(locals())
     given = {key: value for key, value in options.items() if key in _TUNABLE and value is not None}
+    _check_usage(given, resume, name, exist_ok)
     from pneumo_cli import train as training
 
     reporter = RichReporter(quiet)
     try:
         if resume is not None:
-            if given:
-                flags = ", ".join("--" + key.replace("_", "-") for key in sorted(given))
-                raise ConfigError(
-                    f"--resume continues with the run's own settings; drop {flags} "
-                    "(or start a new run with them)"
-                )
             result = training.resume_training(
                 resume, runs_dir, reporter, gpus=gpus, multi_worker=multi_worker
             )
@@ -240,6 +246,32 @@ def train(
     finally:
         reporter.close()
     _render(result, json_output)
+
+
+def _check_usage(
+    given: dict[str, Any], resume: Path | None, name: str | None, exist_ok: bool
+) -> None:
+    """Refuse impossible values and option combinations as usage errors (exit 2).
+
+    Raises:
+        typer.BadParameter: a learning rate that is not a positive number, or settings given with
+            --resume (it continues with the run's own settings).
+    """
+    lr = given.get("lr")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise typer.BadParameter(
+            f"{lr} is not a positive, finite learning rate", param_hint="'--lr'"
+        )
+    if resume is None:
+        return
+    flags = ["--" + key.replace("_", "-") for key in sorted(given)]
+    flags += [flag for flag, used in (("--name", name), ("--exist-ok", exist_ok)) if used]
+    if flags:
+        raise typer.BadParameter(
+            f"it continues the run in its own folder with its own settings; drop "
+            f"{', '.join(flags)} (or start a new run with them)",
+            param_hint="'--resume'",
+        )
 
 
 def _render(result: Any, json_output: bool) -> None:

@@ -17,7 +17,7 @@ from pneumo_cli.cli import app
 from pneumo_cli.dicom_io import write_dicom
 from pneumo_cli.files import write_mask_png
 from pneumo_cli.model import import_tf
-from tests.robustness.conftest import copy_run, error_lines, fake_xray, known_bug, run_pneumo
+from tests.robustness.conftest import copy_run, error_lines, fake_xray, run_pneumo
 
 runner = CliRunner()
 
@@ -156,15 +156,6 @@ def test_exit_codes_in_a_real_process(files: Path, tmp_path: Path) -> None:
 
 # --- the TensorFlow commands: train, predict, evaluate (model mode), demo-data -----------------
 
-BUG_RANGE = (
-    "commands/train.py checks value ranges in the library (ConfigError, exit 1) where every "
-    "other command lets Typer refuse them (exit 2); see /work/notes/robustness2.md"
-)
-BUG_COMBINATION = (
-    "forbidden option combinations of predict/train exit 1 (ConfigError) where preprocess and "
-    "evaluate exit 2 (usage error); see /work/notes/robustness2.md"
-)
-
 TF_CASES = [
     # train
     # (a successful train is in test_privacy.py and test_kill_tf.py)
@@ -183,12 +174,9 @@ TF_CASES = [
     ("train", ["--resume", F("finished_run")], 1),
     ("train", ["--epochs", "many"], 2),
     ("train", ["--bogus"], 2),
-    pytest.param("train", ["--cache", F("small_cache"), "--epochs", "0"], 2,
-                 marks=known_bug(BUG_RANGE)),
-    pytest.param("train", ["--cache", F("small_cache"), "--lr", "-1"], 2,
-                 marks=known_bug(BUG_RANGE)),
-    pytest.param("train", ["--resume", F("finished_run"), "--epochs", "3"], 2,
-                 marks=known_bug(BUG_COMBINATION)),
+    ("train", ["--cache", F("small_cache"), "--epochs", "0"], 2),
+    ("train", ["--cache", F("small_cache"), "--lr", "-1"], 2),
+    ("train", ["--resume", F("finished_run"), "--epochs", "3"], 2),
     # predict
     ("predict", [F("dicom"), "--run", F("run"), "--out", F("p")], 0),
     ("predict", [F("dicom"), "--run", F("missing")], 1),

@@ -7,8 +7,8 @@ training run (fixed --seed, --no-augment, CPU) exactly the same final weights.
 How to recover a killed `train`:
 - killed after its first epoch: `pneumo train --resume RUN` continues from the last saved epoch;
 - killed before that, RUN holds only config.json: the same command refuses the taken name and
-  points at --resume, which refuses too (no state yet). Today's way out is the same command with
-  --exist-ok (it starts the run afresh); --resume should do that itself (reported, xfail).
+  points at --resume, which starts the run again from epoch 0 with its recorded settings (the
+  same command with --exist-ok does that too). Either way the weights equal an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from tests.robustness.conftest import (
     cli_env,
     copy_run,
     error_lines,
-    known_bug,
     pneumo_command,
     temporaries,
     tree_bytes,
@@ -237,14 +236,6 @@ def test_train_killed_before_its_first_epoch_restarts_with_exist_ok(
     _assert_same_training(runs / "first_exist_ok", clean)
 
 
-BUG_RESUME_WITHOUT_STATE = (
-    "train.resume_training refuses a run killed before its first epoch ended ('no state.json: "
-    "start a new run') although config.json holds everything needed to start it afresh, and "
-    "the taken name sends the user to --resume; see /work/notes/robustness2.md"
-)
-
-
-@known_bug(BUG_RESUME_WITHOUT_STATE)
 def test_train_killed_before_its_first_epoch_resumes(train_job, killed_in_first_epoch) -> None:
     runs, _, clean = train_job
     run = runs / "first_resume"
@@ -278,14 +269,6 @@ def test_train_killed_while_saving_resumes_to_the_same_weights(train_job, killed
     _assert_same_training(killed_while_saving, clean)
 
 
-BUG_TRAIN_TEMPORARIES = (
-    "train never removes what a killed save leaves: .pneumo-tmp-* model files (no "
-    "files.remove_stale_temporaries on the run folder) and TensorFlow's state/epoch-N_temp/ "
-    "checkpoint folders (_Recorder.save_state unlinks only files); see /work/notes/robustness2.md"
-)
-
-
-@known_bug(BUG_TRAIN_TEMPORARIES)
 def test_train_resume_leaves_no_temporaries(killed_while_saving: Path) -> None:
     left = temporaries(killed_while_saving) + sorted(killed_while_saving.glob("state/*_temp"))
     assert left == []

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pneumo_cli import model
 from pneumo_cli.cli import app
 from pneumo_cli.errors import ConfigError, InputError
 from pneumo_cli.model import build_model, import_tf, load_model
-from tests.robustness.conftest import REPO, copy_run, error_lines, known_bug
+from tests.robustness.conftest import REPO, copy_run, error_lines
 
 runner = CliRunner()
 
@@ -199,33 +200,21 @@ def test_no_code_path_evaluates_or_unpickles_files() -> None:
 
 # --- config.json with unexpected types ---------------------------------------------------------
 
-BUG_TYPES = (
-    "runs.load_run_config/config.from_dict do not check value types: a non-object 'preprocess' "
-    "reaches from_dict and raises TypeError (traceback); see /work/notes/robustness2.md"
-)
-BUG_BOOL = (
-    "config.from_dict does not check value types: clahe 'no' is taken as true and the image is "
-    "preprocessed differently without a word; see /work/notes/robustness2.md"
-)
-
 
 @pytest.mark.parametrize(
     ("change", "command", "expected"),
     [
         (lambda c: [1, 2], "predict", "expected a JSON object"),
         (lambda c: "not json {", "predict", "unreadable"),
-        (lambda c: {**c, "preprocess": "abc"}, "predict", "unknown setting(s) a, b, c"),
+        (lambda c: {**c, "preprocess": "abc"}, "predict", "'preprocess' must be a JSON object"),
         (lambda c: {**c, "preprocess": {**c["preprocess"], "image_size": "64"}}, "predict",
-         "config.json"),
-        pytest.param(lambda c: {**c, "preprocess": None}, "predict", "preprocess",
-                     marks=known_bug(BUG_TYPES)),
-        pytest.param(lambda c: {**c, "preprocess": [64]}, "evaluate", "preprocess",
-                     marks=known_bug(BUG_TYPES)),
-        pytest.param(lambda c: {**c, "cache": 5}, "evaluate", "cache",
-                     marks=known_bug(BUG_TYPES)),
+         "config.json: image_size must be an integer, got \"64\""),
+        (lambda c: {**c, "preprocess": None}, "predict", "'preprocess' must be a JSON object"),
+        (lambda c: {**c, "preprocess": [64]}, "evaluate", "'preprocess' must be a JSON object"),
+        (lambda c: {**c, "cache": 5}, "evaluate", "'cache' must be a string, got 5"),
         (lambda c: {**c, "input_scaling": 5}, "predict", "input_scaling"),
-        pytest.param(lambda c: {**c, "preprocess": {**c["preprocess"], "clahe": "no"}},
-                     "predict", "clahe", marks=known_bug(BUG_BOOL)),
+        (lambda c: {**c, "preprocess": {**c["preprocess"], "clahe": "no"}}, "predict",
+         "clahe must be true or false, got \"no\""),
     ],
     ids=["list", "not-json", "preprocess-str", "size-str", "preprocess-null", "preprocess-list",
          "cache-int", "scaling-int", "clahe-str"],
@@ -259,13 +248,6 @@ def test_postprocess_json_with_unexpected_types_gives_one_line(tiny_run, tmp_pat
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'postprocess.json'}: "), lines
 
 
-BUG_STATE = (
-    "train._read_state checks that state.json has its keys, not their types: a non-string "
-    "'checkpoint' raises TypeError (traceback) in resume_training; see /work/notes/robustness2.md"
-)
-
-
-@known_bug(BUG_STATE)
 def test_state_json_with_unexpected_types_gives_one_line(tiny_run, tmp_path: Path) -> None:
     run = copy_run(tiny_run["run"], tmp_path / "run")
     (run / "state.json").write_text('{"epoch": [], "checkpoint": {"a": 1}, "status": 7}')
@@ -273,16 +255,9 @@ def test_state_json_with_unexpected_types_gives_one_line(tiny_run, tmp_path: Pat
     assert resumed.exit_code == 1, (resumed.output, resumed.exception)
     lines = error_lines(resumed.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'state.json'}: "), lines
+    assert "'epoch' must be an integer >= 0, got []" in lines[0]
 
 
-BUG_LAMBDA_ENCODERS = (
-    "build_model accepts encoders whose U-Net holds Lambda layers (seresnet*, seresnext*, "
-    "senet154, resnext*, inceptionresnetv2): training works but no run of theirs can be loaded "
-    "in safe mode; see /work/notes/robustness2.md"
-)
-
-
-@known_bug(BUG_LAMBDA_ENCODERS)
 def test_every_model_build_model_accepts_can_be_loaded_again() -> None:
     """An encoder must be refused before training if its runs could never be loaded."""
     try:
@@ -290,3 +265,21 @@ def test_every_model_build_model_accepts_can_be_loaded_again() -> None:
     except ConfigError:
         return  # refused up front: fine
     assert [layer.name for layer in net.layers if type(layer).__name__ == "Lambda"] == []
+
+
+def test_encoders_whose_unet_holds_code_are_refused_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    usable = model.available_encoders()
+    assert "resnet18" in usable and not set(usable) & set(model.CODE_ENCODERS)
+    with pytest.raises(ConfigError) as refused:
+        model.check_encoder("resnext50")
+    message = str(refused.value)
+    assert "\n" not in message and "Lambda layers" in message and "refuses to load" in message
+    assert message.endswith(f"choose one of: {', '.join(usable)}")
+    with pytest.raises(ConfigError, match="^unknown encoder 'resnet35'; choose one of: resnet18"):
+        model.check_encoder("resnet35")
+    # build_model also checks the network it built (a future segmentation_models may differ)
+    monkeypatch.setattr(model, "CODE_ENCODERS", ())
+    with pytest.raises(ConfigError, match=r"encoder 'seresnet18' cannot be used: .*\('lambda"):
+        model.build_model("seresnet18", 64, "none")
