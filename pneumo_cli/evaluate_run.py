@@ -197,7 +197,7 @@ def evaluate_run(
         if at == "model":
             pred = apply_gate(prob, gate, area_scale=_crop_scale(entry.item, size))
             return _cached_mask(cache_dir, entry.row), pred, None
-        record, pred, _ = output_row(entry.item.image_id, prob, entry.item, gate)
+        record, pred, _ = output_row(entry.item.image_id, prob, entry.item, gate, keep_probs=False)
         height, width = entry.item.original_shape
         return decode_union([truth_rle[entry.item.image_id]], height, width), pred, record
 

@@ -62,6 +62,20 @@ def test_gate_areas_are_original_pixels():
     assert record["has_pneumothorax"] == 0 and record["EncodedPixels"] == "-1"
 
 
+def test_skipping_the_restore_of_empty_maps_changes_nothing():
+    item = Item("x", np.zeros((64, 64), np.uint8), (10, 900, 20, 1000), (1024, 1024))
+    rng = np.random.default_rng(2)
+    for gate in (Gate(), Gate(top_threshold=0.8, min_area_px=50, bottom_threshold=0.3)):
+        for peak in (0.2, 0.31, 0.5, 0.79, 0.81, 0.95):
+            prob = (rng.random((64, 64)) * peak).astype(np.float32)
+            prob[30, 30] = peak
+            full = output_row("x", prob, item, gate, keep_probs=True)
+            fast = output_row("x", prob, item, gate, keep_probs=False)
+            assert full[0] == fast[0]
+            np.testing.assert_array_equal(full[1], fast[1])
+            assert fast[2] is None or fast[2].shape == (1024, 1024)
+
+
 def test_predict_real_dicoms_at_original_size(tiny_run, real_train_dicoms, tmp_path):
     out = tmp_path / "pred"
     inputs = list(real_train_dicoms.values())
