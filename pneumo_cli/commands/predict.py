@@ -59,7 +59,7 @@ def predict(
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
-            metavar="[INPUT]...",
+            metavar="INPUT",
             help="DICOM, PNG or JPEG files, or folders searched recursively.",
             show_default=False,
         ),
