@@ -41,24 +41,7 @@ sys.path.insert(0, str(REPO))
 
 THREADS = 2
 
-
-def build_run(root: Path, encoder: str, size: int) -> Path:
-    from pneumo_cli.config import PreprocessConfig
-    from pneumo_cli.demo_dataset import write_demo_dataset
-    from pneumo_cli.preprocess import run_preprocess
-    from pneumo_cli.train import TrainConfig, train
-
-    raw = root / "raw"
-    write_demo_dataset(raw, n=40, seed=0, size=max(size, 256))
-    cache = root / "cache"
-    run_preprocess(raw, cache, PreprocessConfig(image_size=size), rle_csv=raw / "train-rle.csv")
-    config = TrainConfig(
-        cache=str(cache), encoder=encoder, encoder_weights="none", epochs=1, batch_size=2,
-        steps_per_epoch=1, patience=0, gpus=0,
-    )  # fmt: skip
-    run_dir = Path(train(config, runs_dir=root / "runs").run_dir)
-    calibrate_batchnorm(run_dir, size)
-    return run_dir
+from bench_predict import build_run  # noqa: E402  (same folder; run as a script)
 
 
 def calibrate_batchnorm(run_dir: Path, size: int) -> None:
@@ -138,6 +121,7 @@ def main() -> None:
         if args.run is None:
             print(f"building a {args.encoder} run at {args.size} px ...", file=sys.stderr)
             run_dir = build_run(root, args.encoder, args.size)
+            calibrate_batchnorm(run_dir, args.size)
         else:
             run_dir = args.run
         model = load_model(run_dir / "best.keras")

@@ -33,13 +33,15 @@ SIIM = REPO.parent / "shared" / "siim"
 
 
 def build_run(root: Path, encoder: str, size: int) -> Path:
+    """A run folder holding a resnet-style U-Net trained for one step (speed does not depend on
+    the weights); shared with bench_export.py."""
     from pneumo_cli.config import PreprocessConfig
     from pneumo_cli.demo_dataset import write_demo_dataset
     from pneumo_cli.preprocess import run_preprocess
     from pneumo_cli.train import TrainConfig, train
 
     raw = root / "raw"
-    write_demo_dataset(raw, n=30, seed=0, size=max(size, 256))
+    write_demo_dataset(raw, n=40, seed=0, size=max(size, 256))
     cache = root / "cache"
     run_preprocess(raw, cache, PreprocessConfig(image_size=size), rle_csv=raw / "train-rle.csv")
     config = TrainConfig(

@@ -186,8 +186,3 @@ def copy_run(run: Path, dest: Path) -> Path:
     (dest / "config.json").write_bytes((run / "config.json").read_bytes())
     (dest / "best.keras").symlink_to((run / "best.keras").resolve())
     return dest
-
-
-def known_bug(reason: str) -> pytest.MarkDecorator:
-    """Mark a test of a reported, not yet fixed bug: it must fail by its assertion (strict)."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
