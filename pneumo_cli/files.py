@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -99,11 +100,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", fsync=True)
 
 
-def encode_png(image: np.ndarray, source: str = "image") -> bytes:
-    """Encode a uint8 (H, W) or (H, W, 3) BGR array as PNG bytes."""
+def encode_png(image: np.ndarray, source: str = "image", *, unfiltered: bool = False) -> bytes:
+    """Encode a uint8 (H, W) or (H, W, 3) BGR array as PNG bytes.
+
+    ``unfiltered`` skips PNG's per-row prediction filters: for two-level masks the filters gain
+    nothing and cost a quarter of the encoding time.
+    """
     import cv2
 
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image))
+    params = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE] if unfiltered else []
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image), params)
     if not ok:
         raise OutputError(f"OpenCV could not encode {source} as PNG")
     return buffer.tobytes()
@@ -116,7 +122,16 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
 
 def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
     """Write a {0,1} (H, W) mask as a 0/255 single-channel PNG, atomically."""
-    write_png(path, np.where(mask > 0, 255, 0).astype(np.uint8))
+    if not mask.any():  # most X-rays: the same bytes for every empty mask of this size
+        atomic_write_bytes(path, _empty_mask_png(mask.shape))
+        return
+    binary = np.multiply(mask > 0, 255, dtype=np.uint8)
+    atomic_write_bytes(path, encode_png(binary, str(path), unfiltered=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_mask_png(shape: tuple[int, ...]) -> bytes:
+    return encode_png(np.zeros(shape, dtype=np.uint8), "an empty mask", unfiltered=True)
 
 
 def read_grey_png(path: str | os.PathLike[str]) -> np.ndarray:

@@ -45,12 +45,15 @@ def detect_crop(image: np.ndarray, threshold: int = 10, min_keep: float = 0.5) -
     would keep less than ``min_keep`` of the height or width is distrusted and the whole image is
     kept (an almost black image is the corrupt filter's business, not the crop's).
     """
+    import cv2
+
     height, width = image.shape
     # The 99th percentile along a line is below `threshold` iff fewer than 1% of its pixels
-    # exceed it: counting is much faster than a percentile.
-    bright = image > threshold
-    dark_rows = bright.sum(axis=1) <= width // 100
-    dark_cols = bright.sum(axis=0) <= height // 100
+    # exceed it: counting is much faster than a percentile (and OpenCV counts 8x faster than
+    # numpy sums a boolean array).
+    _, bright = cv2.threshold(np.ascontiguousarray(image), threshold, 1, cv2.THRESH_BINARY)
+    dark_rows = cv2.reduce(bright, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= width // 100
+    dark_cols = cv2.reduce(bright, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= height // 100
     top, bottom = _inner_span(dark_rows)
     left, right = _inner_span(dark_cols)
     if bottom - top < min_keep * height or right - left < min_keep * width:
@@ -146,6 +149,17 @@ def restore_to_original(
         crop: (top, bottom, left, right) from :class:`Prepared` or the manifest.
         original_shape: (H, W) of the original image.
     """
+    region = restore_region(array, crop, original_shape, is_mask)
+    top, bottom, left, right = crop
+    restored = np.zeros(original_shape, dtype=region.dtype)
+    restored[top:bottom, left:right] = region
+    return restored
+
+
+def restore_region(
+    array: np.ndarray, crop: Box, original_shape: tuple[int, int], is_mask: bool
+) -> np.ndarray:
+    """The crop box's part of :func:`restore_to_original` (everything outside it is 0)."""
     import cv2
 
     top, bottom, left, right = crop
@@ -154,11 +168,8 @@ def restore_to_original(
         raise ValueError(f"crop box {crop} does not fit an image of shape {original_shape}")
     if is_mask:
         source = (np.asarray(array) > 0).astype(np.uint8)
-        interpolation, dtype = cv2.INTER_NEAREST, np.uint8
+        interpolation = cv2.INTER_NEAREST
     else:
         source = np.asarray(array, dtype=np.float32)
-        interpolation, dtype = cv2.INTER_LINEAR, np.float32
-    region = cv2.resize(source, (right - left, bottom - top), interpolation=interpolation)
-    restored = np.zeros((height, width), dtype=dtype)
-    restored[top:bottom, left:right] = region
-    return restored
+        interpolation = cv2.INTER_LINEAR
+    return cv2.resize(source, (right - left, bottom - top), interpolation=interpolation)

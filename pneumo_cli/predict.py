@@ -14,8 +14,10 @@ so a re-run can skip finished images), ``rejected.csv`` and, written last,
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import itertools
 import json
 import os
 import time
@@ -176,25 +178,29 @@ def output_row(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """Post-process one (S, S) probability map at the original resolution.
 
-    Returns the CSV record, the original-size uint8 {0,1} mask and the float32 probabilities at
-    original size. The gate works on the probability map restored to original pixels, so its
-    areas are original pixels directly.
+    Returns the CSV record, the original-size uint8 {0,1} mask and, with ``keep_probs``, the
+    float32 probabilities at original size (else None). The gate works on the probability map
+    restored to original pixels, so its areas are original pixels directly.
 
     Bilinear restoring never exceeds the map's maximum, so a map whose maximum is at most the
     bottom threshold (or at most the top threshold when a minimum area is set) is empty at any
-    resolution: it is then not restored unless ``keep_probs`` (most X-rays are empty, and this
-    halves the post-processing time of the batch); the probabilities returned are then None.
+    resolution: without ``keep_probs`` it is then not restored at all (most X-rays are empty).
     """
-    from pneumo_cli.imaging import restore_to_original
+    from pneumo_cli.imaging import restore_region, restore_to_original
 
     peak = float(prob.max())
     empty = peak <= gate.bottom_threshold or (gate.min_area_px > 0 and peak <= gate.top_threshold)
-    if empty and not keep_probs:
-        full = None
-        mask = np.zeros(item.original_shape, dtype=np.uint8)
-    else:
+    full = None
+    mask = np.zeros(item.original_shape, dtype=np.uint8)
+    if keep_probs:
         full = restore_to_original(prob, item.crop, item.original_shape, is_mask=False)
         mask = apply_gate(full, gate, area_scale=1.0)
+    elif not empty:
+        # Outside the crop box the restored map is 0, below any threshold and joined to no
+        # component: gating the box alone gives the same mask, without a full-size float map.
+        top, bottom, left, right = item.crop
+        region = restore_region(prob, item.crop, item.original_shape, is_mask=False)
+        mask[top:bottom, left:right] = apply_gate(region, gate, area_scale=1.0)
     area = int(np.count_nonzero(mask))
     record = {
         "ImageId": image_id,
@@ -305,7 +311,9 @@ def run_predict(
     threads = workers or os.cpu_count() or 1
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as loaders, ThreadPoolExecutor(threads) as writers:
-        prepared = loaders.map(prepare, todo)  # runs ahead of the network
+        # Loading runs up to two batches ahead of the network (bounded: a folder of 12,000
+        # X-rays must not be held in memory at once).
+        prepared = _ordered_map(loaders, prepare, todo, ahead=2 * batch_size + threads)
         pending = []
         for result in predict_items(predictor, prepared, batch_size):
             if isinstance(result, Rejected):
@@ -334,6 +342,22 @@ def run_predict(
     write_predictions(out, [records[k] for k in sorted(records)])
     summary.predictions_csv = str(out / PREDICTIONS_FILE)
     return summary
+
+
+def _ordered_map(
+    executor: ThreadPoolExecutor, fn: Any, items: Sequence[Any], ahead: int
+) -> Iterator[Any]:
+    """``executor.map(fn, items)`` keeping only ``ahead`` calls queued or running (besides the
+    result being handed to the caller), where ``executor.map`` would submit them all at once."""
+    pending: collections.deque = collections.deque()
+    source = iter(items)
+    for item in itertools.islice(source, ahead):
+        pending.append(executor.submit(fn, item))
+    while pending:
+        result = pending.popleft().result()
+        for item in itertools.islice(source, 1):
+            pending.append(executor.submit(fn, item))
+        yield result
 
 
 def _write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:

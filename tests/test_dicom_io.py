@@ -156,6 +156,47 @@ def test_truncated_file_is_refused(tmp_path: Path, jpeg: bool) -> None:
         read_xray(cut)
 
 
+def test_real_dicoms_decode_like_pylibjpeg(real_train_dicoms: dict[str, Path]) -> None:
+    # read_xray decodes JPEG Baseline with libjpeg-turbo; the JPEG standard lets two baseline
+    # decoders differ by one grey level, and that is all the difference there may be.
+    for path in real_train_dicoms.values():
+        ds = pydicom.dcmread(path)
+        reference = ds.pixel_array.astype(np.int16)  # pydicom's pylibjpeg plugin
+        ours = read_xray(path).image.astype(np.int16)
+        assert ours.shape == reference.shape
+        assert int(np.abs(ours - reference).max()) <= 1
+        assert np.count_nonzero(ours != reference) < 0.05 * ours.size
+
+
+def _with_pixel_stream(source: Path, target: Path, change: object) -> None:
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(source)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([change(frame)])
+    ds.save_as(target)
+
+
+def test_jpeg_stream_cut_inside_an_intact_dicom_is_refused(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.dcm"
+    write_dicom(whole, _ramp(256, 256))
+    cut = tmp_path / "cut_stream.dcm"
+    _with_pixel_stream(whole, cut, lambda frame: frame[: len(frame) // 2])
+    with pytest.raises(DicomError, match=r"cut_stream\.dcm: JPEG pixel data is truncated"):
+        read_xray(cut)
+    assert read_xray(whole).image.shape == (256, 256)
+
+
+def test_jpeg_size_that_contradicts_the_header_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "liar.dcm"
+    write_dicom(path, _ramp(64, 80))
+    ds = pydicom.dcmread(path)
+    ds.Rows = 100
+    ds.save_as(path)
+    with pytest.raises(DicomError, match=r"liar\.dcm: JPEG pixel data has shape \(64, 80\)"):
+        read_xray(path)
+
+
 def test_non_dicom_bytes_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "junk.dcm"
     path.write_bytes(b"this is not a dicom file at all")

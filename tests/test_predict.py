@@ -62,10 +62,18 @@ def test_gate_areas_are_original_pixels():
     assert record["has_pneumothorax"] == 0 and record["EncodedPixels"] == "-1"
 
 
-def test_skipping_the_restore_of_empty_maps_changes_nothing():
+def test_the_fast_path_without_probabilities_gives_the_same_records_and_masks():
+    # Without keep_probs, empty maps are not restored and the others are gated inside the crop
+    # box only: both must give exactly what gating the full original-size map gives.
     item = Item("x", np.zeros((64, 64), np.uint8), (10, 900, 20, 1000), (1024, 1024))
     rng = np.random.default_rng(2)
-    for gate in (Gate(), Gate(top_threshold=0.8, min_area_px=50, bottom_threshold=0.3)):
+    gates = (
+        Gate(),
+        Gate(top_threshold=0.8, min_area_px=50, bottom_threshold=0.3),
+        Gate(bottom_threshold=0.1, min_component_area_px=400),
+        Gate(top_threshold=0.0, bottom_threshold=0.0),
+    )
+    for gate in gates:
         for peak in (0.2, 0.31, 0.5, 0.79, 0.81, 0.95):
             prob = (rng.random((64, 64)) * peak).astype(np.float32)
             prob[30, 30] = peak
@@ -73,7 +81,7 @@ def test_skipping_the_restore_of_empty_maps_changes_nothing():
             fast = output_row("x", prob, item, gate, keep_probs=False)
             assert full[0] == fast[0]
             np.testing.assert_array_equal(full[1], fast[1])
-            assert fast[2] is None or fast[2].shape == (1024, 1024)
+            assert fast[2] is None and full[2].shape == (1024, 1024)
 
 
 def test_predict_real_dicoms_at_original_size(tiny_run, real_train_dicoms, tmp_path):
@@ -200,3 +208,27 @@ def test_predict_bad_runs_and_inputs(tiny_run, real_train_dicoms, tmp_path):
     result = invoke("predict", tiny_run["raw"], "--run", tiny_run["run"], "--out", inside)
     assert result.exit_code == 1 and "inside input folder" in result.output
     assert not inside.exists()
+
+
+def test_loading_keeps_order_and_runs_a_bounded_distance_ahead() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pneumo_cli.predict import _ordered_map
+
+    started, consumed, lock = [0], [0], threading.Lock()
+    most_ahead = [0]
+
+    def load(value: int) -> int:
+        with lock:
+            started[0] += 1
+            most_ahead[0] = max(most_ahead[0], started[0] - consumed[0])
+        return value * 2
+
+    with ThreadPoolExecutor(2) as pool:
+        results = []
+        for result in _ordered_map(pool, load, range(200), ahead=5):
+            results.append(result)
+            consumed[0] += 1
+    assert results == [2 * value for value in range(200)]
+    assert 1 <= most_ahead[0] <= 5 + 1  # + the result being handed over

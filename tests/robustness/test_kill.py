@@ -137,11 +137,13 @@ def preprocess_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     raw.mkdir()
     rng = np.random.default_rng(5)
     rows = ["ImageId,EncodedPixels"]
-    for i in range(36):
-        write_dicom(raw / f"k{i:02d}.dcm", fake_xray(rng, 512, border=12), patient_id=f"P{i % 25}")
-        mask = np.zeros((512, 512), np.uint8)
+    # 80 full-size X-rays: a kill after up to 34 records leaves at least 46 images (~0.1 s of
+    # work for 2 workers) still to do, so the run cannot finish in the meantime.
+    for i in range(80):
+        write_dicom(raw / f"k{i:02d}.dcm", fake_xray(rng, 1024, border=24), patient_id=f"P{i % 25}")
+        mask = np.zeros((1024, 1024), np.uint8)
         if i % 3 == 0:
-            mask[60 + i : 200 + i, 150:210] = 1
+            mask[120 + 2 * i : 400 + 2 * i, 300:420] = 1
         rows.append(f"k{i:02d},{encode_rle(mask)}")
     (root / "rle.csv").write_text("\n".join(rows) + "\n")
     args = ["preprocess", raw, "CACHE", "--rle", root / "rle.csv", "--workers", "2"]

@@ -115,8 +115,10 @@ def test_two_preprocess_runs_into_one_cache(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     rng = np.random.default_rng(3)
-    for i in range(30):
-        write_dicom(raw / f"c{i:02d}.dcm", fake_xray(rng, 640, border=8), patient_id=f"P{i}")
+    # Enough work (about 2 s for one worker) that the first run is still busy when the second,
+    # a fresh process, reaches the lock.
+    for i in range(200):
+        write_dicom(raw / f"c{i:03d}.dcm", fake_xray(rng, 1024, border=8), patient_id=f"P{i}")
     args = ["preprocess", raw, "CACHE", "--workers", "1", "--quiet", "--image-size", "64"]
     cache = tmp_path / "cache"
     first = subprocess.Popen(
