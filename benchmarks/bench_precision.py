@@ -134,17 +134,24 @@ def _run_parity(folder: Path, args: argparse.Namespace) -> list[tuple[str, float
         raw, cache, PreprocessConfig(image_size=args.parity_size), rle_csv=raw / "train-rle.csv"
     )
     rows = []
-    for precision in ("fp32", "bf16"):
+    # The third run trains the encoder's input normalisation (pneumo's default freezes it).
+    for name, precision, input_norm in (
+        ("fp32", "fp32", "frozen"),
+        ("bf16", "bf16", "frozen"),
+        ("bf16-trainable-input-norm", "bf16", "trainable"),
+    )[: 3 if args.parity_input_norm else 2]:
         config = training.TrainConfig(
             cache=str(cache), encoder=args.parity_encoder, encoder_weights="none",
             batch_size=args.batch_size, lr=args.parity_lr, epochs=args.parity_epochs,
             patience=args.parity_patience, pos_fraction="0.5", precision=precision, gpus=0,
+            input_norm=input_norm,
         )  # fmt: skip
-        result = training.train(config, folder / "runs", name=precision)
+        result = training.train(config, folder / "runs", name=name)
         history = runs.read_history(result.run_dir)
         last_three = sum(row["val_dice"] for row in history[-3:]) / min(3, len(history))
-        rows.append((precision, result.best_val_dice, last_three, Path(result.run_dir)))
-        print(f"  {precision}: {len(history)} epochs in {result.seconds:.0f} s", flush=True)
+        rows.append((name, result.best_val_dice, last_three, Path(result.run_dir)))
+        print(f"  {name}: {len(history)} epochs in {result.seconds:.0f} s, "
+              f"{result.images_per_s} images/s", flush=True)  # fmt: skip
     return rows
 
 
@@ -163,6 +170,8 @@ def main() -> None:
     parser.add_argument("--parity-epochs", type=int, default=20)
     parser.add_argument("--parity-patience", type=int, default=6)
     parser.add_argument("--parity-lr", type=float, default=1e-4)
+    parser.add_argument("--parity-input-norm", action="store_true",
+                        help="a third run: bf16 with a trainable input normalisation")  # fmt: skip
     parser.add_argument("--keep-runs", type=Path, help="new folder to train the parity runs in")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))

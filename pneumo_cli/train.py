@@ -66,6 +66,7 @@ class TrainConfig:
     augment: bool = True
     pos_fraction: str | None = None  # "0.8" or "0.8:0.4"; None: natural frequency
     precision: str = "auto"  # fp32, bf16, fp16 or auto (config.json records the resolved one)
+    input_norm: str = "frozen"  # the encoder's input BatchNormalization: frozen or trainable
     scale_lr: bool = False  # lr x replicas in sync (the linear scaling rule)
     gpus: int | None = None  # None: first GPU if one is visible, else CPU
     train_split: str = "train"
@@ -117,13 +118,19 @@ class SilentReporter:
 def config_from_run(saved: dict[str, Any], source: str = "config.json") -> TrainConfig:
     """The :class:`TrainConfig` recorded in a run's config.json."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return from_dict(TrainConfig, {k: v for k, v in saved.items() if k in names}, source)
+    values = {k: v for k, v in saved.items() if k in names}
+    values.setdefault("input_norm", "trainable")  # runs from before --input-norm existed
+    return from_dict(TrainConfig, values, source)
 
 
 def _check_settings(config: TrainConfig) -> None:
     model.check_encoder(config.encoder)
     losses.get_loss(config.loss)
     data.parse_pos_fraction(config.pos_fraction)
+    if config.input_norm not in model.INPUT_NORMS:
+        raise ConfigError(
+            f"--input-norm {config.input_norm}: choose one of {', '.join(model.INPUT_NORMS)}"
+        )
     if config.precision not in (*model.PRECISIONS, "auto"):
         raise ConfigError(
             f"--precision {config.precision}: choose one of {', '.join(model.PRECISIONS)}, auto"
@@ -220,6 +227,7 @@ def train(
             config.encoder_weights,
             config.precision,
             notify=reporter.note,
+            input_norm=config.input_norm,
         )
         optimizer = _compile(net, config, replicas)
     with _output_dir(placement, runs_dir, name, exist_ok, reporter) as run_dir:
@@ -351,7 +359,12 @@ def resume_training(
     with placement.strategy.scope():
         weights = config.encoder_weights if state is None else "none"  # else: checkpoint's
         net = model.build_model(
-            config.encoder, cache.image_size, weights, config.precision, notify=reporter.note
+            config.encoder,
+            cache.image_size,
+            weights,
+            config.precision,
+            notify=reporter.note,
+            input_norm=config.input_norm,
         )
         optimizer = _compile(net, config, placement.replicas)
         if state is not None:

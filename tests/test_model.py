@@ -140,6 +140,12 @@ def test_encoder_weights_file_loads_into_every_encoder_layer(resnet18_backbone_h
         gamma = np.asarray(handle["stage4_unit2_bn2"]["stage4_unit2_bn2"]["gamma:0"])
     np.testing.assert_array_equal(net.get_layer("conv0").get_weights()[0], kernel)
     np.testing.assert_array_equal(net.get_layer("stage4_unit2_bn2").get_weights()[0], gamma)
+    # The frozen input normalisation keeps the file's statistics (ImageNet's, for real weights).
+    with h5py.File(resnet18_backbone_h5, "r") as handle:
+        moving_mean = np.asarray(handle["bn_data"]["bn_data"]["moving_mean:0"])
+    bn_data = net.get_layer("bn_data")
+    assert not bn_data.trainable
+    np.testing.assert_array_equal(bn_data.moving_mean.numpy(), moving_mean)
 
 
 def test_encoder_weights_of_another_encoder_are_refused(
@@ -237,3 +243,39 @@ def test_load_model_errors(tmp_path: pytest.TempPathFactory) -> None:
     broken.write_bytes(b"PK not really a zip")
     with pytest.raises(InputError, match="not a readable Keras model"):
         model.load_model(broken)
+
+
+def test_input_norm_frozen_by_default_centres_raw_bytes(resnet18_unet: object) -> None:
+    bn_data = resnet18_unet.get_layer(model.INPUT_NORM_LAYER)
+    assert not bn_data.trainable
+    np.testing.assert_allclose(bn_data.moving_mean.numpy(), [127.5] * 3)
+    np.testing.assert_allclose(bn_data.moving_variance.numpy(), [255.0**2 / 12] * 3)
+    assert bn_data.beta.numpy().tolist() == [0.0] * 3
+    # As a fixed affine map, the layer turns 0 and 255 into about -1.73 and +1.73.
+    probe = tf.keras.Model(resnet18_unet.input, bn_data.output)
+    ends = np.zeros((2, 64, 64, 3), np.float32)
+    ends[1] = 255.0
+    out = probe(ends, training=True).numpy()
+    np.testing.assert_allclose(out[:, 0, 0, 0], [-(3**0.5), 3**0.5], rtol=1e-3)
+
+
+def test_trainable_input_norm_learns_and_frozen_does_not() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 64, 64, 3)).astype(np.float32)
+    y = (rng.random((4, 64, 64, 1)) > 0.8).astype(np.float32)
+    for mode in model.INPUT_NORMS:
+        net = model.build_model("resnet18", 64, encoder_weights=None, input_norm=mode)
+        net.compile(optimizer=tf.keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+        before = [w.numpy().copy() for w in net.get_layer("bn_data").weights]
+        net.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        after = [w.numpy() for w in net.get_layer("bn_data").weights]
+        changed = any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
+        assert changed == (mode == "trainable"), mode
+
+
+def test_input_norm_mode_is_checked_and_encoders_without_one_are_left_alone() -> None:
+    with pytest.raises(ConfigError, match="--input-norm learned: choose one of frozen, trainable"):
+        model.build_model("resnet18", 64, encoder_weights=None, input_norm="learned")
+    plain = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), tf.keras.layers.Conv2D(1, 1)])
+    assert model.set_input_norm(plain, "frozen", random_start=True) is False
+    assert all(layer.trainable for layer in plain.layers)

@@ -83,6 +83,9 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
     resolved = training.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
                                     steps_per_epoch=15, **settings)  # fmt: skip
     assert training.config_from_run(saved) == resolved  # config.json round-trips
+    assert saved["input_norm"] == "frozen"
+    made_before_the_option = {k: v for k, v in saved.items() if k != "input_norm"}
+    assert training.config_from_run(made_before_the_option).input_norm == "trainable"
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_done"] == 4 and summary["best_epoch"] == result.best_epoch
@@ -210,6 +213,10 @@ def test_cli_trains_with_json_output_and_reports_errors_in_one_line(
     assert mixed.exit_code == 2 and "drop --lr" in mixed.stderr  # a usage error
     missing = runner.invoke(app, ["train", "--cache", "elsewhere"])
     assert missing.exit_code == 1 and "elsewhere does not exist" in missing.stderr
+    norm = runner.invoke(app, ["train", "--input-norm", "learned", "--name", "other"])
+    assert norm.exit_code == 1 and norm.stderr.count("\n") == 1
+    assert "--input-norm learned: choose one of frozen, trainable" in norm.stderr
+    assert not (tmp_path / "runs" / "other").exists()
 
 
 MIRRORED_SCRIPT = textwrap.dedent(

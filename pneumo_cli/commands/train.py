@@ -16,7 +16,7 @@ from pneumo_cli.console import bars_enabled, print_note, stderr_console, stdout_
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
     "steps_per_epoch", "patience", "reduce_lr_patience", "pos_fraction", "augment", "seed",
-    "precision", "scale_lr",
+    "precision", "input_norm", "scale_lr",
 )  # fmt: skip
 
 
@@ -178,6 +178,15 @@ def train(
             help="fp32, bf16 (mixed bfloat16), fp16 (mixed float16 with loss scaling; GPU only) "
             "or auto: fp16 on NVIDIA GPUs, fp32 on CPUs unless bf16 was measured faster there "
             "[default: auto].",
+        ),
+    ] = None,
+    input_norm: Annotated[
+        str | None,
+        typer.Option(
+            "--input-norm",
+            help="The ResNet encoders' input BatchNormalization: frozen (a fixed shift and "
+            "scale, ImageNet's with pretrained weights; ~10% faster steps) or trainable "
+            "[default: frozen].",
         ),
     ] = None,
     scale_lr: Annotated[
