@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM")
     parser.add_argument("--repeats", type=int, default=8, help="timed network batches")
+    parser.add_argument("--run", type=Path, help="a trained run instead of a random-weights one")
     args = parser.parse_args()
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
@@ -102,7 +103,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="pneumo-bench-predict-"))
     try:
-        run = build_run(root, args.encoder, args.image_size)
+        run = args.run or build_run(root, args.encoder, args.image_size)
         predictor = load_predictor(run)
         size, batch = args.image_size, args.batch_size
         rng = np.random.default_rng(0)
@@ -125,7 +126,10 @@ def main() -> None:
         out = root / "out"
         run_predict(predictor, sources[:batch], out, load=load, batch_size=batch)  # warm-up
         pipeline = {}
-        for name, model in (("mix", SiimMix(predictor)), ("worst", predictor)):
+        models = [("mix", SiimMix(predictor)), ("worst", predictor)]
+        if args.run:  # a trained network: its own outputs on the real X-rays
+            models = [("trained", predictor)]
+        for name, model in models:
             start = time.perf_counter()
             summary = run_predict(model, sources, out, load=load, batch_size=batch, overwrite=True)
             pipeline[name] = (summary, summary.predicted / (time.perf_counter() - start))
@@ -144,8 +148,9 @@ def main() -> None:
     rows = [
         ("bare network, images/s (tf.function)", f"{network_rate:.1f}"),
     ]
-    for name, label in (("mix", "SIIM mix"), ("worst", "all positive")):
-        summary, rate = pipeline[name]
+    labels = {"mix": "SIIM mix", "worst": "all positive", "trained": "trained run"}
+    for name, (summary, rate) in pipeline.items():
+        label = labels[name]
         rows += [
             (f"pipeline, {label} ({summary.positive}/{summary.predicted} positive), images/s",
              f"{rate:.1f}"),

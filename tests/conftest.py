@@ -75,6 +75,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         steps_per_epoch=3,
         patience=0,
         gpus=0,
+        # Fixed, not the defaults: `auto` precision depends on the CPU, and this barely trained
+        # network's int8 export must agree with it on 99% of mask pixels (test_export); with the
+        # frozen input normalisation its masks sit nearer the threshold and agree on ~98.5%.
+        precision="fp32",
+        input_norm="trainable",
     )
     result = train(config, runs_dir=root / "runs")
     return {"raw": raw, "cache": cache, "run": Path(result.run_dir)}

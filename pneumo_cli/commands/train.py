@@ -176,7 +176,7 @@ def train(
         typer.Option(
             "--precision",
             help="fp32, bf16 (mixed bfloat16), fp16 (mixed float16 with loss scaling; GPU only) "
-            "or auto: fp16 on NVIDIA GPUs, fp32 on CPUs unless bf16 was measured faster there "
+            "or auto: fp16 on NVIDIA GPUs, bf16 on CPUs with bfloat16 instructions, else fp32 "
             "[default: auto].",
         ),
     ] = None,
