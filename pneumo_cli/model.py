@@ -548,6 +548,12 @@ def build_model(
     return unet
 
 
+def check_input_norm(mode: str) -> None:
+    """Raise ConfigError unless ``mode`` is one of :data:`INPUT_NORMS`."""
+    if mode not in INPUT_NORMS:
+        raise ConfigError(f"--input-norm {mode}: choose one of {', '.join(INPUT_NORMS)}")
+
+
 def set_input_norm(net: Any, mode: str, random_start: bool) -> bool:
     """Freeze (``mode="frozen"``) or keep trainable the encoder's input normalisation layer.
 
@@ -566,8 +572,7 @@ def set_input_norm(net: Any, mode: str, random_start: bool) -> bool:
     Raises:
         ConfigError: an unknown ``mode``.
     """
-    if mode not in INPUT_NORMS:
-        raise ConfigError(f"--input-norm {mode}: choose one of {', '.join(INPUT_NORMS)}")
+    check_input_norm(mode)
     try:
         layer = net.get_layer(INPUT_NORM_LAYER)
     except ValueError:

@@ -127,10 +127,7 @@ def _check_settings(config: TrainConfig) -> None:
     model.check_encoder(config.encoder)
     losses.get_loss(config.loss)
     data.parse_pos_fraction(config.pos_fraction)
-    if config.input_norm not in model.INPUT_NORMS:
-        raise ConfigError(
-            f"--input-norm {config.input_norm}: choose one of {', '.join(model.INPUT_NORMS)}"
-        )
+    model.check_input_norm(config.input_norm)
     if config.precision not in (*model.PRECISIONS, "auto"):
         raise ConfigError(
             f"--precision {config.precision}: choose one of {', '.join(model.PRECISIONS)}, auto"
