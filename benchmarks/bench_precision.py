@@ -5,8 +5,11 @@ Sections (each runs in fresh processes so thread and oneDNN settings take effect
 - ``speed``: images/s of ``fit`` steps for the resnet34 U-Net at 256 px, batch 16, one batch
   held in memory (the network alone), in fp32 and bf16, under a few settings: TensorFlow's
   default threading, intra-op threads = cores with inter-op 1, the encoder's input
-  normalisation trained (``--input-norm trainable``) instead of frozen, and oneDNN off. Each is
-  batch / the median time between the ends of consecutive steps, after a warm-up fit.
+  normalisation trained (``--input-norm trainable``) instead of frozen, pneumo's fast paths
+  undone (``plain Keras ops``: Keras' Adam, upsampling gradient and fused input batch norm, see
+  ``pneumo_cli/fastpaths.py``), and oneDNN off. Each is batch / the median time between the ends
+  of consecutive steps, after a warm-up fit; with ``--repeat N``, the median of N processes
+  (run interleaved; one process's speed varies by ~4% from the next here).
   GFLOP/s = images/s x 3 x 15.7 GFLOP, against the measured peaks 533 (fp32) / 989 (bf16).
 - ``multi-worker``: the same model trained by 2 worker processes on 127.0.0.1 (pneumo's
   MultiWorkerMirroredStrategy path). Both share this machine's cores, so expect LESS than one
@@ -18,6 +21,8 @@ Sections (each runs in fresh processes so thread and oneDNN settings take effect
 
 Usage (a quiet machine gives the real numbers; each row prints the 1-minute load average):
     .venv/bin/python benchmarks/bench_precision.py                 # speed + multi-worker
+    .venv/bin/python benchmarks/bench_precision.py --precisions bf16 --no-multi-worker \
+        --settings "TF defaults" "plain Keras ops" --steps 16 --repeat 5
     .venv/bin/python benchmarks/bench_precision.py --parity        # adds the parity runs
     .venv/bin/python benchmarks/bench_precision.py --parity-only --keep-runs /tmp/parity
 """
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,16 +49,25 @@ _SPEED_CHILD = """
 import json, os, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
-from pneumo_cli import losses, model
+from pneumo_cli import fastpaths, losses, model
 precision, batch, size, steps, threads = {precision!r}, {batch}, {size}, {steps}, {threads}
 tf = model.import_tf()
 if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+input_norm = {input_norm!r}
 net = model.build_model(
-    "resnet34", size, encoder_weights=None, precision=precision, input_norm={input_norm!r}
+    "resnet34", size, encoder_weights=None, precision=precision, input_norm=input_norm
 )
-net.compile(optimizer=tf.keras.optimizers.Adam(1e-4), loss=losses.bce_loss)
+optimizer = fastpaths.FusedAdam(1e-4)  # pneumo train's
+if {plain}:  # undo pneumo's fast paths (fastpaths.py): Keras' own Adam, upsampling, batch norm
+    optimizer = tf.keras.optimizers.Adam(1e-4)
+    for layer in net.layers:
+        if "call" in vars(layer):
+            del layer.call
+    if input_norm == "frozen":
+        net.get_layer(model.INPUT_NORM_LAYER).fused = True
+net.compile(optimizer=optimizer, loss=losses.bce_loss)
 rng = np.random.default_rng(0)
 x = model.scale_input(rng.integers(0, 256, (batch, size, size, 1)), "raw-0-255")
 y = tf.constant((rng.random((batch, size, size, 1)) > 0.9).astype(np.float32))
@@ -72,20 +87,21 @@ step = float(np.median(np.diff(ends)))
 print(json.dumps({{"images_per_s": batch / step, "load": os.getloadavg()[0]}}))
 """
 
-# name: (environment, intra-op threads (0: TensorFlow's choice), --input-norm)
+# name: (environment, intra-op threads (0: TensorFlow's choice), --input-norm, plain Keras ops)
 SETTINGS = {
-    "TF defaults": ({}, 0, "frozen"),
-    "intra=2 inter=1": ({}, 2, "frozen"),
-    "input norm trained": ({}, 0, "trainable"),
-    "oneDNN off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, 0, "frozen"),
+    "TF defaults": ({}, 0, "frozen", False),
+    "intra=2 inter=1": ({}, 2, "frozen", False),
+    "input norm trained": ({}, 0, "trainable", False),
+    "plain Keras ops": ({}, 0, "frozen", True),
+    "oneDNN off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, 0, "frozen", False),
 }
 
 
 def _run_speed(precision: str, setting: str, batch: int, size: int, steps: int) -> dict:
-    env_extra, threads, input_norm = SETTINGS[setting]
+    env_extra, threads, input_norm, plain = SETTINGS[setting]
     code = _SPEED_CHILD.format(
         repo=str(REPO), precision=precision, batch=batch, size=size, steps=steps,
-        threads=threads, input_norm=input_norm,
+        threads=threads, input_norm=input_norm, plain=plain,
     )  # fmt: skip
     env = {**os.environ, **env_extra, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
@@ -94,6 +110,17 @@ def _run_speed(precision: str, setting: str, batch: int, size: int, steps: int) 
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_speed(
+    setting: str, precision: str, rates: list[float], load: float, scale: float
+) -> None:
+    """One table row: the median over processes, their range, GFLOP/s and the highest load."""
+    rate = statistics.median(rates)
+    gflops = rate * GFLOP_PER_IMAGE_STEP * scale
+    spread = f"{min(rates):.2f}-{max(rates):.2f}"
+    print(f"{precision:<9} {setting:<18} {rate:>9.2f} {spread:>13} {gflops:>8.0f} "
+          f"{100 * gflops / PEAK_GFLOPS[precision]:>6.1f}% {load:>5.1f}", flush=True)  # fmt: skip
 
 
 def _free_port() -> int:
@@ -176,6 +203,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="processes per speed row (step times vary ~4%% between processes)",
+    )
+    parser.add_argument(
+        "--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"]
+    )
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--no-multi-worker", action="store_true")
     parser.add_argument("--parity", action="store_true", help="also train to a plateau twice")
@@ -193,22 +229,27 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
 
     print(f"resnet34 U-Net, {args.image_size} px, batch {args.batch_size}, "
-          f"{args.steps} timed steps, {os.cpu_count()} CPU(s)")  # fmt: skip
-    print(f"{'precision':<9} {'setting':<18} {'images/s':>9} {'GFLOP/s':>8} {'% peak':>7} "
-          f"{'load':>5}")  # fmt: skip
+          f"{args.steps} timed steps, {args.repeat} process(es) per row, "
+          f"{os.cpu_count()} CPU(s)")  # fmt: skip
+    print(f"{'precision':<9} {'setting':<18} {'images/s':>9} {'range':>13} {'GFLOP/s':>8} "
+          f"{'% peak':>7} {'load':>5}")  # fmt: skip
     scale = (args.image_size / 256) ** 2
     if args.parity_only:
         args.settings, args.no_multi_worker = [], True
-    for setting in args.settings:
-        for precision in ("fp32", "bf16"):
-            row = _run_speed(precision, setting, args.batch_size, args.image_size, args.steps)
-            if "error" in row:
-                print(f"{precision:<9} {setting:<18} failed: {row['error']}")
+    rows = [(setting, precision) for setting in args.settings for precision in args.precisions]
+    rates: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
+    loads: dict[tuple[str, str], list[float]] = {row: [] for row in rows}
+    for attempt in range(args.repeat):  # interleaved, so a slow spell hits every row alike
+        for setting, precision in rows:
+            result = _run_speed(precision, setting, args.batch_size, args.image_size, args.steps)
+            if "error" in result:
+                print(f"{precision:<9} {setting:<18} failed: {result['error']}")
                 continue
-            gflops = row["images_per_s"] * GFLOP_PER_IMAGE_STEP * scale
-            print(f"{precision:<9} {setting:<18} {row['images_per_s']:>9.2f} {gflops:>8.0f} "
-                  f"{100 * gflops / PEAK_GFLOPS[precision]:>6.1f}% {row['load']:>5.1f}",
-                  flush=True)  # fmt: skip
+            rates[setting, precision].append(result["images_per_s"])
+            loads[setting, precision].append(result["load"])
+            if attempt == args.repeat - 1:
+                _print_speed(setting, precision, rates[setting, precision],
+                             max(loads[setting, precision]), scale)  # fmt: skip
 
     if not args.no_multi_worker:
         with tempfile.TemporaryDirectory() as folder:

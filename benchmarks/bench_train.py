@@ -8,9 +8,11 @@ issue's reference shape), in three settings:
   (decode, crop/affine/flip/contrast, scaling), which shares the CPU with the network;
 - ``pipeline alone``: the data pipeline without a model (how fast it can feed one).
 
-Achieved GFLOP/s = images/s x 3 x 15.7 GFLOP (forward + backward of one 256 px image), compared
-with the machine's measured float32 peak of 533 GFLOP/s. Reference (same shapes, this machine):
-tf-keras float32 7.6 images/s, PyTorch segmentation_models_pytorch 6.6.
+Training rows are batch / the median step time (whole-fit wall times here came out in
+multiples of 10.24 s). Achieved GFLOP/s = images/s x 3 x 15.7 GFLOP (forward + backward of one
+256 px image), compared with the machine's measured peak (533 GFLOP/s float32, 989 bfloat16).
+Reference (same shapes, this machine): tf-keras float32 7.6 images/s, PyTorch
+segmentation_models_pytorch 6.6.
 
 Usage: .venv/bin/python benchmarks/bench_train.py [--steps 12] [--precision fp32|bf16]
 Timings are wall-clock and suffer from anything else running on the machine.
@@ -29,16 +31,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pneumo_cli import data, losses, model  # noqa: E402
+from pneumo_cli.fastpaths import FusedAdam  # noqa: E402
 
 GFLOP_PER_IMAGE_STEP = 3 * 15.7  # at 256 px, resnet34 U-Net
 PEAK_GFLOPS = {"fp32": 533.0, "bf16": 989.0}
 
 
-def _timed_fit(net: object, dataset: object, steps: int, warmup: int) -> float:
+def _images_per_s(net: object, dataset: object, batch: int, steps: int, warmup: int) -> float:
+    """batch / the median time between the ends of consecutive steps, after a warm-up fit."""
+    tf = model.import_tf()
+    ends: list[float] = []
+
+    class StepClock(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+            ends.append(time.perf_counter())
+
     net.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)  # trace + warm caches
-    start = time.perf_counter()
-    net.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-    return time.perf_counter() - start
+    net.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[StepClock()])
+    return batch / float(np.median(np.diff(ends)))
 
 
 def main() -> None:
@@ -54,7 +64,7 @@ def main() -> None:
     tf = model.import_tf()
     size, batch = args.image_size, args.batch_size
     net = model.build_model(args.encoder, size, encoder_weights=None, precision=args.precision)
-    net.compile(optimizer=tf.keras.optimizers.Adam(1e-4), loss=losses.bce_loss)
+    net.compile(optimizer=FusedAdam(1e-4), loss=losses.bce_loss)  # pneumo train's optimizer
     scaling = model.input_scaling_for(args.encoder)
     rng = np.random.default_rng(0)
     x = model.scale_input(rng.integers(0, 256, (batch, size, size, 1)), scaling)
@@ -62,8 +72,7 @@ def main() -> None:
     in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     rows = []
-    seconds = _timed_fit(net, in_memory, args.steps, args.warmup)
-    rows.append(("model only", args.steps * batch / seconds))
+    rows.append(("model only", _images_per_s(net, in_memory, batch, args.steps, args.warmup)))
 
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,10 +80,10 @@ def main() -> None:
 
         cache = synthetic_cache(Path(folder), image_size=size, n_train=64, n_val=2)
         records = data.select_split(data.read_cache(cache), "train")
-        steps_total = args.steps + args.warmup
+        steps_total = args.steps + 1 + args.warmup
         pipeline = data.make_train_dataset(records, size, scaling, batch, steps_total, seed=0)
-        seconds = _timed_fit(net, pipeline.dataset.repeat(), args.steps, args.warmup)
-        rows.append(("pneumo pipeline (augmented)", args.steps * batch / seconds))
+        rate = _images_per_s(net, pipeline.dataset.repeat(), batch, args.steps, args.warmup)
+        rows.append(("pneumo pipeline (augmented)", rate))
 
         alone = data.make_train_dataset(records, size, scaling, batch, 40, seed=1)
         iterator = iter(alone.dataset)

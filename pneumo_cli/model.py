@@ -545,6 +545,9 @@ def build_model(
     if weights_path is not None:
         load_encoder_weights(unet, encoder, weights_path)
     set_input_norm(unet, input_norm, random_start=weights_path is None)
+    from pneumo_cli import fastpaths
+
+    fastpaths.fast_upsampling_gradients(unet)
     return unet
 
 
@@ -583,6 +586,9 @@ def set_input_norm(net: Any, mode: str, random_start: bool) -> bool:
             layer.moving_mean.assign(np.full(channels, 127.5, np.float32))
             layer.moving_variance.assign(np.full(channels, 255.0**2 / 12.0, np.float32))
         layer.trainable = False
+        from pneumo_cli import fastpaths
+
+        fastpaths.unfuse_frozen_norm(layer)
     return True
 
 
@@ -754,4 +760,9 @@ def load_model(path: str | os.PathLike[str]) -> Any:
         raise InputError(f"{path}: not a readable Keras model ({reason})") from None
     if not isinstance(model, tf.keras.Model):
         raise InputError(f"{path}: not a Keras model (it holds a {type(model).__name__})")
+    norm = next((layer for layer in model.layers if layer.name == INPUT_NORM_LAYER), None)
+    if norm is not None and not norm.trainable:  # computed as in training (set_input_norm)
+        from pneumo_cli import fastpaths
+
+        fastpaths.unfuse_frozen_norm(norm)
     return model

@@ -163,7 +163,9 @@ def effective_lr(config: TrainConfig, replicas: int) -> float:
 
 def _compile(net: Any, config: TrainConfig, replicas: int) -> Any:
     tf = model.import_tf()
-    optimizer = tf.keras.optimizers.Adam(learning_rate=effective_lr(config, replicas))
+    from pneumo_cli.fastpaths import FusedAdam
+
+    optimizer = FusedAdam(learning_rate=effective_lr(config, replicas))
     if config.precision == "fp16":
         # float16 gradients underflow without it; bfloat16 has float32's range and needs none.
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)

@@ -228,6 +228,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import numpy as np
     from pneumo_cli import model, losses
     from pneumo_cli.distribute import make_strategy
+    from pneumo_cli.fastpaths import FusedAdam  # pneumo train's optimizer
 
     replicas = int(sys.argv[1])
     strategy, _ = make_strategy(0, cpu_replicas=replicas)
@@ -235,7 +236,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     tf.keras.utils.set_random_seed(0)
     with strategy.scope():
         net = model.build_model("resnet18", 64, encoder_weights=None)
-        net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=losses.bce_loss)
+        net.compile(optimizer=FusedAdam(1e-3), loss=losses.bce_loss)
     net.load_weights(sys.argv[2])
     rng = np.random.default_rng(0)
     half_x = rng.integers(0, 256, (2, 64, 64, 1)).astype(np.float32)
