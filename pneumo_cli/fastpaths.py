@@ -1,7 +1,7 @@
-"""Cheaper TensorFlow ops for three parts of a training step, with the same mathematics.
+"""Cheaper TensorFlow ops for parts of a training step, with the same mathematics.
 
 A training step of the resnet34 U-Net (256 px, batch 16, mixed bfloat16, 2-core AVX-512 CPU)
-spends ~80% of its time in convolutions that oneDNN already runs near the machine's peak. Three
+spends ~80% of its time in convolutions that oneDNN already runs near the machine's peak. Four
 of the remaining costs had cheaper equivalents (TensorFlow profiler, one op thread, per step):
 
 - Keras' Adam updates each variable with 8 element-wise ops (~38 ms); TensorFlow's fused
@@ -12,8 +12,11 @@ of the remaining costs had cheaper equivalents (TensorFlow profiler, one op thre
 - A frozen input BatchNormalization (``--input-norm frozen``, see
   :func:`pneumo_cli.model.set_input_norm`) runs as a fused batch-norm kernel that is slow on a
   3-channel image (~16 ms); as a multiply-add it takes ~4 ms: :func:`unfuse_frozen_norm`.
+- The encoder pads the input of each 3x3 convolution in a layer of its own (a copy forward, a
+  slice backward); a 'SAME' convolution pads inside oneDNN: :func:`fold_zero_padding`.
 
-Together +4% training images/s here (``benchmarks/bench_precision.py``). None changes what is
+Measured in one process, alternating models: the first three +3.5%, the padding +3-5% more
+(``benchmarks/bench_precision.py`` compares them with plain Keras ops). None changes what is
 saved: weights, model files and optimizer checkpoints keep the layout of the plain layers.
 """
 
@@ -100,6 +103,65 @@ def fast_upsampling_gradients(net: Any) -> int:
             layer.call = types.MethodType(lambda self, inputs: _upsample2x_nearest(inputs), layer)
             changed += 1
     return changed
+
+
+def _same_padded_conv(self: Any, inputs: Any) -> Any:
+    """A stride-1 'valid' Conv2D's call for an input not yet padded: 'SAME' padding instead."""
+    outputs = tf.nn.conv2d(
+        inputs, self.kernel, strides=1, padding="SAME", dilations=self.dilation_rate
+    )
+    if self.use_bias:
+        outputs = tf.nn.bias_add(outputs, self.bias)
+    return outputs if self.activation is None else self.activation(outputs)
+
+
+def _only_consumer(net: Any, layer: Any) -> Any:
+    consumers = []
+    for other in net.layers:
+        try:
+            inputs = tf.nest.flatten(other.input)
+        except (AttributeError, ValueError):  # input layers; layers called several times
+            continue
+        if any(tensor is layer.output for tensor in inputs):
+            consumers.append(other)
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def fold_zero_padding(net: Any) -> int:
+    """Let stride-1 convolutions pad their own input instead of a ZeroPadding2D layer before them.
+
+    segmentation_models' ResNets zero-pad the input of every 3x3 convolution in a separate
+    layer (a copy of the activation, and a slice of its gradient). oneDNN pads inside the
+    convolution for free: a padding of (k - 1) / 2 on every side followed by a stride-1 'valid'
+    k x k convolution is exactly a 'SAME' convolution. Strided pairs stay as they are ('SAME'
+    pads them differently, and TensorFlow's explicit padding has no oneDNN gradient: measured
+    60x slower). Only pairs where the padding feeds that convolution alone change; the layers
+    stay plain Keras layers in saved models. Call before the model is first traced.
+
+    Returns:
+        The number of ZeroPadding2D layers folded.
+    """
+    folded = 0
+    for layer in net.layers:
+        if type(layer) is not tf.keras.layers.ZeroPadding2D or layer.data_format != "channels_last":
+            continue
+        conv = _only_consumer(net, layer)
+        if (
+            type(conv) is not tf.keras.layers.Conv2D
+            or conv.padding != "valid"
+            or conv.data_format != "channels_last"
+            or conv.groups != 1
+            or tuple(conv.strides) != (1, 1)
+            or tuple(conv.dilation_rate) != (1, 1)
+            or any(k % 2 == 0 for k in conv.kernel_size)
+            or tuple(tuple(side) for side in layer.padding)
+            != tuple(((k - 1) // 2, (k - 1) // 2) for k in conv.kernel_size)
+        ):
+            continue
+        conv.call = types.MethodType(_same_padded_conv, conv)
+        layer.call = types.MethodType(lambda self, inputs: inputs, layer)
+        folded += 1
+    return folded
 
 
 def unfuse_frozen_norm(layer: Any) -> None:

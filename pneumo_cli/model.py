@@ -548,6 +548,7 @@ def build_model(
     from pneumo_cli import fastpaths
 
     fastpaths.fast_upsampling_gradients(unet)
+    fastpaths.fold_zero_padding(unet)
     return unet
 
 

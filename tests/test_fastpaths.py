@@ -124,3 +124,37 @@ def test_unfused_frozen_input_norm_computes_the_fused_result(precision: str) -> 
     )
     trainable = model.build_model("resnet18", 64, encoder_weights=None, input_norm="trainable")
     assert trainable.get_layer(model.INPUT_NORM_LAYER).fused is True
+
+
+def test_folded_zero_padding_gives_the_plain_outputs_and_gradients(tmp_path: Path) -> None:
+    tf = model.import_tf()
+    tf.keras.utils.set_random_seed(0)
+    fast = model.build_model("resnet18", 64, encoder_weights=None)  # folds its padding
+    plain = tf.keras.models.clone_model(fast)  # fresh plain layers, same configuration
+    plain.set_weights(fast.get_weights())
+    plain.get_layer(model.INPUT_NORM_LAYER).fused = False  # as in fast: compare padding only
+    assert fastpaths.fold_zero_padding(tf.keras.models.clone_model(fast)) == 13
+    # resnet18: 16 padded 3x3 convolutions, 3 of them strided (kept); the 7x7 conv0 and the
+    # max pool are strided too.
+    folded = [layer for layer in fast.layers if "call" in vars(layer)]
+    assert sum(type(layer).__name__ == "ZeroPadding2D" for layer in folded) == 13
+    assert sum(type(layer).__name__ == "Conv2D" for layer in folded) == 13
+    rng = np.random.default_rng(0)
+    x = model.scale_input(rng.integers(0, 256, (2, 64, 64, 1)), "raw-0-255")
+    weight = tf.constant(rng.normal(size=(2, 64, 64, 1)), tf.float32)
+    results = []
+    for net in (plain, fast):
+        with tf.GradientTape() as tape:
+            out = net(x, training=True)
+            loss = tf.reduce_sum(out * weight)
+        grads = tape.gradient(loss, net.trainable_variables)
+        results.append((out.numpy(), [g.numpy() for g in grads]))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    model.save_model(fast, tmp_path / "m.keras")
+    loaded = model.load_model(tmp_path / "m.keras")
+    assert not any("call" in vars(layer) for layer in loaded.layers)
+    assert [type(layer).__name__ for layer in loaded.layers] == [
+        type(layer).__name__ for layer in fast.layers
+    ]
