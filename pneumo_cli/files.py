@@ -82,10 +82,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:  # also a signal's exception: never leave the temporary
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
+        raise
     if fsync:
         _fsync_dir(target.parent)
 

@@ -181,16 +181,23 @@ def _build_cache(
     """The body of :func:`run_preprocess`, run while holding the cache's lock."""
     # Everything that can refuse the run happens before the first write.
     previous = None if overwrite else _check_cache(cache, settings, labels.fingerprint())
-    with worker_pool(workers) as pool_map:
-        candidates, rejected = scan_raw_dir(raw, pool_map, _previous_sources(previous))
-        label_of, unmatched = labels.match(candidates)
-        _start_cache(cache, settings, labels.fingerprint(), overwrite)
-        if progress is not None:
-            progress(len(rejected))
-        records, newly_rejected, processed = process_images(
-            candidates, label_of, cache, settings, pool_map, progress
-        )
-        phi_rows = read_phi_rows(raw, records, pool_map) if keep_phi else None
+    try:
+        with worker_pool(workers) as pool_map:
+            candidates, rejected = scan_raw_dir(raw, pool_map, _previous_sources(previous))
+            label_of, unmatched = labels.match(candidates)
+            _start_cache(cache, settings, labels.fingerprint(), overwrite)
+            if progress is not None:
+                progress(len(rejected))
+            records, newly_rejected, processed = process_images(
+                candidates, label_of, cache, settings, pool_map, progress
+            )
+            phi_rows = read_phi_rows(raw, records, pool_map) if keep_phi else None
+    except BaseException:
+        # The pool is stopped (its workers terminated and joined) by now. A worker stopped in
+        # the middle of a write leaves its temporary file; we hold the lock, so every
+        # temporary in our folders is ours to delete.
+        _sweep_temporaries(cache)
+        raise
     rejected = sorted(rejected + newly_rejected)
     atomic_write_text(cache / "rejected.csv", _rejected_csv(rejected))
     if not records:
@@ -300,9 +307,14 @@ def _start_cache(
         _wipe(cache)
     for name in _OUR_FOLDERS:
         ensure_output_dir(cache / name)
+    _sweep_temporaries(cache)
+    _write_settings(cache, settings, labels, {}, complete=False)
+
+
+def _sweep_temporaries(cache: Path) -> None:
+    for name in _OUR_FOLDERS:
         remove_stale_temporaries(cache / name)
     remove_stale_temporaries(cache)
-    _write_settings(cache, settings, labels, {}, complete=False)
 
 
 def _wipe(cache: Path) -> None:

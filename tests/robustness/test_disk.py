@@ -8,10 +8,17 @@ a reason where mounting is not allowed).
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from pneumo_cli import preprocess_inputs
+from pneumo_cli.config import PreprocessConfig
+from pneumo_cli.errors import OutputError
+from pneumo_cli.files import TEMP_PREFIX
+from pneumo_cli.preprocess import run_preprocess
 from tests.robustness.conftest import (
     Mounts,
     folder_size_kb,
@@ -92,6 +99,37 @@ def test_preprocess_on_a_full_disk_keeps_the_finished_cache(mounts: Mounts, tmp_
     done = run_pneumo(*args, "--json")
     assert done.returncode == 0, done.stderr
     assert (json.loads(done.stdout)["images"], json.loads(done.stdout)["rejected"]) == (34, 0)
+    assert not (cache / ".pneumo-lock").exists()
+
+
+def _fail_while_the_other_worker_writes(task: tuple) -> tuple[str, object]:
+    """Stands in for preprocess' per-image task in the pool's worker processes: image a00 fails
+    like a full disk as soon as the other worker is in the middle of writing a record (its
+    temporary file exists, and it pauses there until the pool stops it)."""
+    item, _, cache, _ = task
+    records = cache / "records"
+    if item.image_id == "a00":
+        deadline = time.monotonic() + 60
+        while not list(records.glob(f"{TEMP_PREFIX}*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise OutputError(f"cannot write {records / 'a00.json'}: no space left on device")
+    (records / f"{TEMP_PREFIX}{os.getpid()}-{item.image_id}.json").write_text("{")
+    time.sleep(120)
+    return "done", {}
+
+
+def test_a_write_error_in_one_worker_leaves_no_temporary_of_another(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The failure CI once caught by chance: the pool is stopped while a second worker is between
+    opening and renaming a record's temporary file. Made certain here, not left to timing."""
+    write_raw_dicoms(tmp_path / "raw", 4, 128, seed=6, prefix="a")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(preprocess_inputs, "_process_task", _fail_while_the_other_worker_writes)
+    with pytest.raises(OutputError, match="no space left on device"):
+        run_preprocess(tmp_path / "raw", cache, PreprocessConfig(image_size=64), workers=2)
+    assert (cache / "records").is_dir()
+    assert temporaries(cache) == []
     assert not (cache / ".pneumo-lock").exists()
 
 
