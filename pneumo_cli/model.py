@@ -13,6 +13,7 @@ scaling's name is stored in every run so that prediction scales exactly as train
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -105,11 +106,22 @@ def _native_start_up_noise_filtered() -> Iterator[None]:
                     print(line, file=sys.stderr)
 
 
+# What segmentation_models prints on import; dropped so that an error is one line on stderr.
+_SM_BANNER = re.compile(r"Segmentation Models: using `[\w.]+` framework\.")
+
+
 def import_sm() -> Any:
-    """Import segmentation_models in ``tf.keras`` mode; its start-up banner goes to stderr."""
+    """Import segmentation_models in ``tf.keras`` mode; anything it prints other than its
+    start-up banner goes to stderr (stdout carries ``--json``)."""
     import_tf()
-    with contextlib.redirect_stdout(sys.stderr):
-        import segmentation_models as sm
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            import segmentation_models as sm
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip() and not _SM_BANNER.fullmatch(line.strip()):
+                print(line, file=sys.stderr)
     if sm.framework() != "tf.keras":
         raise ConfigError(
             f"segmentation_models runs on '{sm.framework()}', not tf.keras; it was imported "

@@ -170,13 +170,11 @@ def write_rle_csv(path: Path, ids: list[str], size: int, seed: int, noisy: bool 
 
 # --- TensorFlow commands ---------------------------------------------------------------------
 
-# segmentation_models announces its framework once per process, on stderr (stdout carries JSON).
-SM_BANNER = "Segmentation Models: using `tf.keras` framework."
-
 
 def error_lines(stderr: str) -> list[str]:
-    """The lines of a command's stderr that pneumo wrote (the start-up banner removed)."""
-    return [line for line in stderr.strip().splitlines() if line.strip() != SM_BANNER]
+    """The non-blank lines of a command's stderr: nothing but pneumo's own (segmentation_models'
+    start-up banner and TensorFlow's native start-up lines are dropped by pneumo)."""
+    return [line for line in stderr.strip().splitlines() if line.strip()]
 
 
 def copy_run(run: Path, dest: Path) -> Path:

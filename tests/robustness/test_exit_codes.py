@@ -277,6 +277,18 @@ def test_tf_command_exit_code_and_message(command, args, code, tf_files, tmp_pat
         assert lines[0].startswith("Usage: ")
 
 
+def test_train_error_in_a_real_process_is_the_only_stderr_line(tmp_path: Path) -> None:
+    """segmentation_models prints a banner when imported (before pneumo checks the cache); pneumo
+    drops it, so a script reading stderr gets exactly the error."""
+    done = run_pneumo("train", "--cache", tmp_path / "missing", "--runs-dir", tmp_path / "runs")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: cache folder {tmp_path / 'missing'} does not exist; create it with "
+        "`pneumo preprocess RAW_DIR CACHE_DIR`"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_tf_command_error_is_the_last_stderr_line_of_a_real_process(tf_files) -> None:
     """In a real process TensorFlow's native start-up log (I0000..., cuInit) may precede it, but
     pneumo's message is the one `error:` line and the last line, with no traceback."""
