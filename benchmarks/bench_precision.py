@@ -6,10 +6,11 @@ Sections (each runs in fresh processes so thread and oneDNN settings take effect
   held in memory (the network alone), in fp32 and bf16, under a few settings: TensorFlow's
   default threading, intra-op threads = cores with inter-op 1, the encoder's input
   normalisation trained (``--input-norm trainable``) instead of frozen, pneumo's fast paths
-  undone (``plain Keras ops``: Keras' Adam, upsampling gradient and fused input batch norm, see
-  ``pneumo_cli/fastpaths.py``), and oneDNN off. Each is batch / the median time between the ends
-  of consecutive steps, after a warm-up fit; with ``--repeat N``, the median of N processes
-  (run interleaved; one process's speed varies by ~4% from the next here).
+  undone (``plain Keras ops``: Keras' Adam, upsampling gradient, fused input batch norm and
+  zero-padding layers, see ``pneumo_cli/fastpaths.py``), and oneDNN off. Each is batch / the
+  median time between the ends of consecutive steps, after a warm-up fit; with ``--repeat N``,
+  the median of N processes (run interleaved; one process's speed varies by ~4% from the next
+  here).
   GFLOP/s = images/s x 3 x 15.7 GFLOP, against the measured peaks 533 (fp32) / 989 (bf16).
 - ``multi-worker``: the same model trained by 2 worker processes on 127.0.0.1 (pneumo's
   MultiWorkerMirroredStrategy path). Both share this machine's cores, so expect LESS than one
@@ -60,7 +61,7 @@ net = model.build_model(
     "resnet34", size, encoder_weights=None, precision=precision, input_norm=input_norm
 )
 optimizer = fastpaths.FusedAdam(1e-4)  # pneumo train's
-if {plain}:  # undo pneumo's fast paths (fastpaths.py): Keras' own Adam, upsampling, batch norm
+if {plain}:  # undo pneumo's fast paths (fastpaths.py): Keras' Adam and layer calls, fused norm
     optimizer = tf.keras.optimizers.Adam(1e-4)
     for layer in net.layers:
         if "call" in vars(layer):
