@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_cli.evaluate import score_submission, write_evaluation
-from pneumo_cli.metrics import dice_score
-from pneumo_cli.postprocess import Gate, apply_gate
-from pneumo_cli.rle import decode_union, encode_rle, read_rle_csv
-from pneumo_cli.tuning import GateGrid, tune_gate
+from pneumo_cli.core.metrics import dice_score
+from pneumo_cli.evaluation.scoring import score_submission, write_evaluation
+from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
+from pneumo_cli.inference.postprocess import Gate, apply_gate
+from pneumo_cli.io.rle import decode_union, encode_rle, read_rle_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT.parent / "shared/siim/csv/train-rle.csv.gz"

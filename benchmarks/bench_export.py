@@ -46,8 +46,10 @@ from bench_predict import build_run  # noqa: E402  (same folder; run as a script
 
 def calibrate_batchnorm(run_dir: Path, size: int) -> None:
     """Give ``best.keras``'s BatchNorm layers the statistics of 8 synthetic X-rays."""
-    from pneumo_cli.export import synthetic_images
-    from pneumo_cli.model import import_tf, load_model, save_model, scale_input
+    from pneumo_cli.engine.tf import import_tf
+    from pneumo_cli.export.parity import synthetic_images
+    from pneumo_cli.model.encoders import scale_input
+    from pneumo_cli.model.saving import load_model, save_model
 
     tf = import_tf()
     scaling = json.loads((run_dir / "config.json").read_text())["input_scaling"]
@@ -97,18 +99,17 @@ def main() -> None:
         config = json.loads((args.run / "config.json").read_text())
         args.encoder, args.size = config["encoder"], config["image_size"]
 
-    from pneumo_cli import export as export_module
-    from pneumo_cli.export import export_run
-    from pneumo_cli.export_backends import serving_function
-    from pneumo_cli.export_runtime import load_runner
-    from pneumo_cli.model import import_tf, load_model
+    from pneumo_cli.engine.tf import import_tf
+    from pneumo_cli.export import parity
+    from pneumo_cli.export.backends import serving_function
+    from pneumo_cli.export.export import export_run
+    from pneumo_cli.inference.exported import load_runner
+    from pneumo_cli.model.saving import load_model
 
     # Measure, do not gate: every export is kept and its parity is judged against the real
     # tolerances in the table's last column.
-    tolerances = dict(export_module.TOLERANCES)
-    export_module.TOLERANCES = {
-        key: export_module.Tolerance(None, None, 0.0) for key in export_module.TOLERANCES
-    }
+    tolerances = dict(parity.TOLERANCES)
+    parity.TOLERANCES = {key: parity.Tolerance(None, None, 0.0) for key in parity.TOLERANCES}
     tf = import_tf()
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     load_before = os.getloadavg()

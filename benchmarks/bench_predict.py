@@ -39,10 +39,11 @@ SIIM = REPO.parent / "shared" / "siim"
 def build_run(root: Path, encoder: str, size: int) -> Path:
     """A run folder holding a resnet-style U-Net trained for one step (speed does not depend on
     the weights); shared with bench_export.py."""
-    from pneumo_cli.config import PreprocessConfig
-    from pneumo_cli.demo_dataset import write_demo_dataset
-    from pneumo_cli.preprocess import run_preprocess
-    from pneumo_cli.train import TrainConfig, train
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.data.demo import write_demo_dataset
+    from pneumo_cli.data.preprocess import run_preprocess
+    from pneumo_cli.training.settings import TrainConfig
+    from pneumo_cli.training.train import train
 
     raw = root / "raw"
     write_demo_dataset(raw, n=40, seed=0, size=max(size, 256))
@@ -99,7 +100,9 @@ def main() -> None:
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
 
-    from pneumo_cli.predict import file_loader, file_sources, load_predictor, run_predict
+    from pneumo_cli.inference.predict import run_predict
+    from pneumo_cli.inference.predictor import load_predictor
+    from pneumo_cli.inference.sources import file_loader, file_sources
 
     root = Path(tempfile.mkdtemp(prefix="pneumo-bench-predict-"))
     try:

@@ -48,8 +48,8 @@ def time_run(raw: Path, cache: Path, workers: int, repeats: int = 2) -> float:
     """Best wall time of ``repeats`` fresh runs (one-time imports done beforehand)."""
     import shutil
 
-    from pneumo_cli.config import PreprocessConfig
-    from pneumo_cli.preprocess import run_preprocess
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.data.preprocess import run_preprocess
 
     best = float("inf")
     for _ in range(repeats):
@@ -64,7 +64,7 @@ def warm_up(raw: Path) -> None:
     """Import the decoders once so the 1-worker time is not charged for them."""
     import pandas  # noqa: F401
 
-    from pneumo_cli.dicom_io import read_xray
+    from pneumo_cli.io.dicom_read import read_xray
 
     read_xray(next(raw.glob("*.dcm")))
 
@@ -73,10 +73,10 @@ def time_stages(raw: Path, out: Path) -> dict[str, float]:
     """Median milliseconds per image of each stage, in one process, one OpenCV thread."""
     import cv2
 
-    from pneumo_cli.config import PreprocessConfig
-    from pneumo_cli.dicom_io import read_xray
-    from pneumo_cli.files import write_png
-    from pneumo_cli.imaging import apply_clahe, detect_crop, resize_image
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.core.files import write_png
+    from pneumo_cli.data.imaging import apply_clahe, detect_crop, resize_image
+    from pneumo_cli.io.dicom_read import read_xray
 
     cv2.setNumThreads(1)
     settings = PreprocessConfig()

@@ -15,8 +15,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pneumo_cli import rle
-from pneumo_cli.rle_files import decode_csv
+from pneumo_cli.io import rle
+from pneumo_cli.io.rle_files import decode_csv
 
 DEFAULT_CSV = Path(__file__).resolve().parents[1].parent / "shared/siim/csv/train-rle.csv.gz"
 

@@ -30,8 +30,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pneumo_cli import data, losses, model  # noqa: E402
-from pneumo_cli.fastpaths import FusedAdam  # noqa: E402
+from pneumo_cli.data import cache as data_cache
+from pneumo_cli.data import pipeline as data_pipeline
+from pneumo_cli.engine import precision as precisions
+from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.model import (
+    build,
+    encoders,  # noqa: E402
+    losses,
+)
+from pneumo_cli.model.fastpaths import FusedAdam  # noqa: E402
 
 GFLOP_PER_IMAGE_STEP = 3 * 15.7  # at 256 px, resnet34 U-Net
 PEAK_GFLOPS = {"fp32": 533.0, "bf16": 989.0}
@@ -39,7 +47,7 @@ PEAK_GFLOPS = {"fp32": 533.0, "bf16": 989.0}
 
 def _images_per_s(net: object, dataset: object, batch: int, steps: int, warmup: int) -> float:
     """batch / the median time between the ends of consecutive steps, after a warm-up fit."""
-    tf = model.import_tf()
+    tf = tf_engine.import_tf()
     ends: list[float] = []
 
     class StepClock(tf.keras.callbacks.Callback):
@@ -58,16 +66,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--precision", default="fp32", choices=model.PRECISIONS)
+    parser.add_argument("--precision", default="fp32", choices=precisions.PRECISIONS)
     args = parser.parse_args()
 
-    tf = model.import_tf()
+    tf = tf_engine.import_tf()
     size, batch = args.image_size, args.batch_size
-    net = model.build_model(args.encoder, size, encoder_weights=None, precision=args.precision)
+    net = build.build_model(args.encoder, size, encoder_weights=None, precision=args.precision)
     net.compile(optimizer=FusedAdam(1e-4), loss=losses.bce_loss)  # pneumo train's optimizer
-    scaling = model.input_scaling_for(args.encoder)
+    scaling = encoders.input_scaling_for(args.encoder)
     rng = np.random.default_rng(0)
-    x = model.scale_input(rng.integers(0, 256, (batch, size, size, 1)), scaling)
+    x = encoders.scale_input(rng.integers(0, 256, (batch, size, size, 1)), scaling)
     y = tf.constant((rng.random((batch, size, size, 1)) > 0.9).astype(np.float32))
     in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
 
@@ -79,13 +87,15 @@ def main() -> None:
         from tests.cachefactory import synthetic_cache
 
         cache = synthetic_cache(Path(folder), image_size=size, n_train=64, n_val=2)
-        records = data.select_split(data.read_cache(cache), "train")
+        records = data_cache.select_split(data_cache.read_cache(cache), "train")
         steps_total = args.steps + 1 + args.warmup
-        pipeline = data.make_train_dataset(records, size, scaling, batch, steps_total, seed=0)
+        pipeline = data_pipeline.make_train_dataset(
+            records, size, scaling, batch, steps_total, seed=0
+        )
         rate = _images_per_s(net, pipeline.dataset.repeat(), batch, args.steps, args.warmup)
         rows.append(("pneumo pipeline (augmented)", rate))
 
-        alone = data.make_train_dataset(records, size, scaling, batch, 40, seed=1)
+        alone = data_pipeline.make_train_dataset(records, size, scaling, batch, 40, seed=1)
         iterator = iter(alone.dataset)
         next(iterator)
         start = time.perf_counter()
@@ -94,7 +104,7 @@ def main() -> None:
 
     peak = PEAK_GFLOPS[args.precision]
     print(f"{args.encoder} U-Net, {size} px, batch {batch}, {args.precision}, "
-          f"{model.keras_engine()}, {args.steps} timed steps")  # fmt: skip
+          f"{tf_engine.keras_engine()}, {args.steps} timed steps")  # fmt: skip
     print(f"{'setting':<30} {'images/s':>9} {'GFLOP/s':>9} {'% of peak':>10}")
     for name, rate in rows:
         if name.startswith("pipeline alone"):

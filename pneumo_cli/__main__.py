@@ -1,3 +1,3 @@
-from pneumo_cli.cli import app
+from pneumo_cli.cli.main import app
 
 app(prog_name="pneumo")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pneumo_cli import __version__
-from pneumo_cli.cli import app
+from pneumo_cli.cli.main import app
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def test_pneumo_error_is_one_red_line_and_exit_1(tmp_path):
 
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
-    import pneumo_cli.rle_files as rle_files
+    from pneumo_cli.io import rle_files
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")

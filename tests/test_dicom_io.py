@@ -9,19 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from pneumo_cli.dicom_io import (
-    JPEG_BASELINE,
-    _parse_age,
-    collect_xray_files,
-    image_id_of,
-    is_xray_file,
-    patient_key_of,
-    read_header,
-    read_xray,
-    write_dicom,
-)
-from pneumo_cli.errors import DicomError, InputError
-from pneumo_cli.files import write_png
+from pneumo_cli.core.errors import DicomError, InputError
+from pneumo_cli.core.files import write_png
+from pneumo_cli.io.dicom_pixels import JPEG_BASELINE
+from pneumo_cli.io.dicom_read import _parse_age, patient_key_of, read_header, read_xray
+from pneumo_cli.io.dicom_write import write_dicom
+from pneumo_cli.io.xrays import collect_xray_files, image_id_of, is_xray_file
 
 UID_6904 = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
 UID_301 = "1.2.276.0.7230010.3.1.4.8323329.301.1517875162.280319"

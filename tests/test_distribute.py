@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import data, distribute, model, runs
-from pneumo_cli import train as training
-from pneumo_cli.cli import app
-from pneumo_cli.errors import ConfigError
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.data import cache as data_cache
+from pneumo_cli.data import pipeline as data_pipeline
+from pneumo_cli.engine import precision as precisions
+from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.model import saving
+from pneumo_cli.training import distribute, resume, runs, settings
 from tests.cachefactory import synthetic_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,26 +74,26 @@ def test_malformed_tf_config_is_one_clear_line(text: str | None, message: str) -
 def test_shards_take_their_slice_of_every_global_batch() -> None:
     plan = np.arange(12, dtype=np.int64)  # 3 steps of a global batch of 4
     seeds = np.stack([np.zeros(12, np.int64), 100 + plan], axis=1)
-    first, first_seeds = data.shard_plan(plan, seeds, 4, 2, 0)
-    second, _ = data.shard_plan(plan, seeds, 4, 2, 1)
+    first, first_seeds = data_pipeline.shard_plan(plan, seeds, 4, 2, 0)
+    second, _ = data_pipeline.shard_plan(plan, seeds, 4, 2, 1)
     np.testing.assert_array_equal(first, [0, 1, 4, 5, 8, 9])
     np.testing.assert_array_equal(second, [2, 3, 6, 7, 10, 11])
     np.testing.assert_array_equal(first_seeds[:, 1], [100, 101, 104, 105, 108, 109])
     with pytest.raises(ConfigError, match="global batch 4 does not split over 3 input pipelines"):
-        data.shard_plan(plan, seeds, 4, 3, 0)
+        data_pipeline.shard_plan(plan, seeds, 4, 3, 0)
 
 
 def test_sharded_pipelines_rebuild_the_single_process_batches(tmp_path: Path) -> None:
-    tf = model.import_tf()
+    tf = tf_engine.import_tf()
     cache = synthetic_cache(tmp_path, image_size=32, n_train=6, n_val=2)
-    records = data.select_split(data.read_cache(cache), "train")
+    records = data_cache.select_split(data_cache.read_cache(cache), "train")
     kwargs = dict(seed=3, epochs=1, augment=True)
-    whole = [y.numpy() for _, y in data.make_train_dataset(records, 32, "raw-0-255", 4, 3,
+    whole = [y.numpy() for _, y in data_pipeline.make_train_dataset(records, 32, "raw-0-255", 4, 3,
                                                           **kwargs).dataset]  # fmt: skip
     parts = []
     for index in range(2):
         context = tf.distribute.InputContext(2, index, num_replicas_in_sync=2)
-        pipeline = data.make_train_dataset(
+        pipeline = data_pipeline.make_train_dataset(
             records, 32, "raw-0-255", 4, 3, input_context=context, **kwargs
         )
         parts.append([y.numpy() for _, y in pipeline.dataset])
@@ -100,7 +104,7 @@ def test_sharded_pipelines_rebuild_the_single_process_batches(tmp_path: Path) ->
 
 
 def test_auto_precision_choices(tmp_path: Path) -> None:
-    choose = distribute.choose_precision
+    choose = precisions.choose_precision
     assert choose("auto", on_gpu=True, gpu_names=["NVIDIA A100"])[0] == "fp16"
     assert choose("auto", on_gpu=False, cpu_flags=[]) == (
         "fp32", "auto: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16)"
@@ -116,10 +120,10 @@ def test_auto_precision_choices(tmp_path: Path) -> None:
         choose("fp8", on_gpu=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n")
-    assert distribute.cpu_bf16_flags(cpuinfo) == ["avx512_bf16", "amx_bf16"]
+    assert precisions.cpu_bf16_flags(cpuinfo) == ["avx512_bf16", "amx_bf16"]
     cpuinfo.write_text("flags\t: fpu avx2\n")
-    assert distribute.cpu_bf16_flags(cpuinfo) == []
-    assert distribute.cpu_bf16_flags(tmp_path / "absent") == []
+    assert precisions.cpu_bf16_flags(cpuinfo) == []
+    assert precisions.cpu_bf16_flags(tmp_path / "absent") == []
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +221,7 @@ def test_two_workers_train_one_run_with_identical_weights(cache: Path, tmp_path:
     assert [row["epoch"] for row in runs.read_history(run_dir)] == [1, 2]
     # The chief's saved model holds exactly the weights both workers ended with.
     assert (
-        model.weights_sha256(model.load_model(run_dir / "last.keras"))
+        saving.weights_sha256(saving.load_model(run_dir / "last.keras"))
         == (results[1]["weights_sha256"])
     )
 
@@ -248,9 +252,9 @@ def test_a_killed_worker_stops_the_other_and_resume_continues(cache: Path, tmp_p
     done = state["epoch"]
 
     notes: list[str] = []
-    reporter = training.SilentReporter()
+    reporter = settings.SilentReporter()
     reporter.note = notes.append  # type: ignore[method-assign]
-    resumed = training.resume_training(tmp_path / "runs" / "train", tmp_path / "runs", reporter)
+    resumed = resume.resume_training(tmp_path / "runs" / "train", tmp_path / "runs", reporter)
     assert resumed.status == "completed" and resumed.epochs_done == 4
     assert notes[0].startswith(f"resuming {tmp_path / 'runs' / 'train'} at epoch {done + 1} ")
     history = runs.read_history(tmp_path / "runs" / "train")

@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.errors import InputError, RleError
-from pneumo_cli.evaluate import (
-    PER_IMAGE_COLUMNS,
-    score_masks,
-    score_submission,
-    select_cases,
-    write_evaluation,
-)
-from pneumo_cli.metrics import dice_score, iou_score
-from pneumo_cli.report import ReportPanel
-from pneumo_cli.rle import decode_union, encode_rle, read_rle_csv
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import InputError, RleError
+from pneumo_cli.core.metrics import dice_score, iou_score
+from pneumo_cli.evaluation.report import ReportPanel
+from pneumo_cli.evaluation.results import PER_IMAGE_COLUMNS, select_cases
+from pneumo_cli.evaluation.scoring import score_masks, score_submission, write_evaluation
+from pneumo_cli.io.rle import decode_union, encode_rle, read_rle_csv
 
 runner = CliRunner()
 REAL_IMAGES, REAL_POSITIVES = 12047, 2669  # facts of ../shared/siim/csv/train-rle.csv.gz

@@ -9,9 +9,9 @@ import shutil
 import pandas as pd
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.evaluate import score_submission
-from pneumo_cli.postprocess import load_gate
+from pneumo_cli.cli.main import app
+from pneumo_cli.evaluation.scoring import score_submission
+from pneumo_cli.inference.postprocess import load_gate
 
 runner = CliRunner()
 

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import __version__, export_backends
-from pneumo_cli.cli import app
-from pneumo_cli.errors import ConfigError
-from pneumo_cli.export import TOLERANCES, Tolerance, compare_probabilities, dice_agreement
-from pneumo_cli.export_runtime import MANIFEST_FILE
-from pneumo_cli.files import TEMP_PREFIX
-from pneumo_cli.postprocess import Gate
+from pneumo_cli import __version__
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.files import TEMP_PREFIX
+from pneumo_cli.export import backends as export_backends
+from pneumo_cli.export.parity import TOLERANCES, Tolerance, compare_probabilities, dice_agreement
+from pneumo_cli.inference.exported import MANIFEST_FILE
+from pneumo_cli.inference.postprocess import Gate
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +293,7 @@ def test_tampered_export_fails_parity_and_leaves_nothing(tiny_run, tmp_path, mon
 
 @pytest.mark.slow
 def test_int8_tflite_is_calibrated_on_cache_and_reports_dice(tiny_run, tmp_path):
-    from pneumo_cli.export import export_run
+    from pneumo_cli.export.export import export_run
 
     out = tmp_path / "int8"
     summary = export_run(tiny_run["run"], "tflite", out, quantize="int8")
@@ -310,7 +311,7 @@ def test_int8_tflite_is_calibrated_on_cache_and_reports_dice(tiny_run, tmp_path)
 
 
 def test_replace_folder_swaps_in_the_new_export(tmp_path):
-    from pneumo_cli.export import _replace_folder
+    from pneumo_cli.export.export import _replace_folder
 
     old, new = tmp_path / "out", tmp_path / "scratch"
     old.mkdir()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pneumo_cli import metrics
+from pneumo_cli.core import metrics
 
 TRUTH = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=np.uint8)  # 3 px
 PRED = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], dtype=np.uint8)  # 3 px, 2 shared

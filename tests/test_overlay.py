@@ -11,24 +11,24 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import rle
-from pneumo_cli.cli import app
-from pneumo_cli.dicom_io import collect_xray_files, read_xray
-from pneumo_cli.errors import ConfigError, InputError
-from pneumo_cli.files import write_mask_png, write_png
-from pneumo_cli.overlay import (
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.files import write_mask_png, write_png
+from pneumo_cli.io import rle
+from pneumo_cli.io.dicom_read import read_xray
+from pneumo_cli.io.xrays import collect_xray_files
+from pneumo_cli.overlay.render import (
     FILL_ALPHA_PCT,
     PRED_COLOR_BGR,
     TRUTH_COLOR_BGR,
     contour_thickness_px,
     format_title,
-    load_mask,
     mask_contour,
     panel_layout,
     render_overlay,
     render_panels,
-    run_overlay,
 )
+from pneumo_cli.overlay.run import load_mask, run_overlay
 from tests.conftest import REAL_TRAIN_AREAS
 
 POSITIVE_IDS = [i for i, area in REAL_TRAIN_AREAS.items() if area > 0]

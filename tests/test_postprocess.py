@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pneumo_cli.errors import ConfigError, InputError
-from pneumo_cli.postprocess import (
+from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.inference.postprocess import (
     Gate,
     apply_gate,
     area_scale_for,

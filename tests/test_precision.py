@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_cli import distribute, model, runs
-from pneumo_cli import train as training
+from pneumo_cli.engine import precision as precisions
+from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.model import build, encoders, saving
+from pneumo_cli.training import runs, settings, setup, train
 from tests.cachefactory import synthetic_cache
 
 pytestmark = pytest.mark.slow
@@ -27,18 +29,18 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_policy_is_scoped_idempotent_and_survives_clear_session() -> None:
-    tf = model.import_tf()
-    assert model.current_precision() == "fp32"
-    with model.precision_policy("bf16"):
-        with model.precision_policy("bf16"):  # nested and repeated: no change
+    tf = tf_engine.import_tf()
+    assert precisions.current_precision() == "fp32"
+    with precisions.precision_policy("bf16"):
+        with precisions.precision_policy("bf16"):  # nested and repeated: no change
             assert tf.keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-        model.clear_session()
+        precisions.clear_session()
         assert tf.keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert tf.keras.mixed_precision.global_policy().name == "float32"
     # A global policy left behind by someone else does not leak into the built model.
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        net = model.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
+        net = build.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
     assert {layer.compute_dtype for layer in net.layers} == {"float32"}
@@ -46,8 +48,8 @@ def test_policy_is_scoped_idempotent_and_survives_clear_session() -> None:
 
 @pytest.mark.parametrize(("precision", "compute"), [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_mixed_models_output_float32(precision: str, compute: str) -> None:
-    tf = model.import_tf()
-    net = model.build_model("resnet18", 64, encoder_weights=None, precision=precision)
+    tf = tf_engine.import_tf()
+    net = build.build_model("resnet18", 64, encoder_weights=None, precision=precision)
     assert net.get_layer("final_conv").compute_dtype == compute
     assert net.get_layer("final_conv").variable_dtype == "float32"
     assert net.output.dtype == tf.float32
@@ -56,29 +58,30 @@ def test_mixed_models_output_float32(precision: str, compute: str) -> None:
 
 
 def test_fp16_training_uses_loss_scaling_and_fp32_does_not() -> None:
-    tf = model.import_tf()
-    config = training.TrainConfig(precision="fp16", **FAST)
-    net = model.build_model("resnet18", 64, encoder_weights=None, precision="fp16")
-    optimizer = training._compile(net, config, replicas=1)
+    tf = tf_engine.import_tf()
+    config = settings.TrainConfig(precision="fp16", **FAST)
+    net = build.build_model("resnet18", 64, encoder_weights=None, precision="fp16")
+    optimizer = setup._compile(net, config, replicas=1)
     assert isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     assert optimizer.dynamic and float(optimizer.loss_scale) == 2.0**15
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     y = np.zeros((2, 64, 64, 1), np.float32)
     loss = net.train_on_batch(x, y)[0]  # [loss, dice, positives-only dice]
     assert np.isfinite(loss)
-    plain = model.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
+    plain = build.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
     assert not isinstance(
-        training._compile(plain, training.TrainConfig(precision="fp32", **FAST), 1),
+        setup._compile(plain, settings.TrainConfig(precision="fp32", **FAST), 1),
         tf.keras.mixed_precision.LossScaleOptimizer,
     )
 
 
 def _inputs(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    from pneumo_cli import data
+    from pneumo_cli.data import cache as data_cache
+    from pneumo_cli.data import pipeline as data_pipeline
 
-    info = data.read_cache(cache)
-    images, masks = data.load_arrays(data.select_split(info, split), 64)
-    return model.scale_input(images, "raw-0-255").numpy(), masks[..., 0]
+    info = data_cache.read_cache(cache)
+    images, masks = data_pipeline.load_arrays(data_cache.select_split(info, split), 64)
+    return encoders.scale_input(images, "raw-0-255").numpy(), masks[..., 0]
 
 
 def _siim_dice(probabilities: np.ndarray, masks: np.ndarray) -> float:
@@ -100,11 +103,11 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
     fp32 and 0.66 in bf16); benchmarks/bench_precision.py --parity measures it at a plateau."""
     results = {}
     for precision in ("fp32", "bf16"):
-        config = training.TrainConfig(
+        config = settings.TrainConfig(
             cache=str(cache), epochs=2, steps_per_epoch=15, patience=0, precision=precision,
             **FAST,
         )  # fmt: skip
-        result = training.train(config, tmp_path, name=precision)
+        result = train.train(config, tmp_path, name=precision)
         saved = runs.load_run_config(result.run_dir)
         assert saved["precision"] == precision
         assert saved["precision_reason"] == "asked for with --precision"
@@ -114,14 +117,14 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
     assert abs(fp32["dice"] - bf16["dice"]) <= 0.05
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.25)
 
-    tf = model.import_tf()
-    last = model.load_model(tmp_path / "bf16" / "last.keras")
+    tf = tf_engine.import_tf()
+    last = saving.load_model(tmp_path / "bf16" / "last.keras")
     assert {layer.compute_dtype for layer in last.layers} == {"float32"}
     x, masks = _inputs(cache, "val")
     loaded = last.predict(x, verbose=0)
     assert loaded.dtype == np.float32 and last.output.dtype == tf.float32
     # The same weights in bf16, as training had them in memory.
-    in_memory = model.build_model("resnet18", 64, encoder_weights=None, precision="bf16")
+    in_memory = build.build_model("resnet18", 64, encoder_weights=None, precision="bf16")
     in_memory.set_weights(last.get_weights())
     assert in_memory.get_layer("final_conv").compute_dtype == "bfloat16"
     mixed = in_memory.predict(x, verbose=0)
@@ -130,12 +133,12 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
 
 
 def test_auto_precision_is_resolved_and_recorded(cache: Path, tmp_path: Path) -> None:
-    config = training.TrainConfig(cache=str(cache), epochs=1, steps_per_epoch=1, **FAST)
+    config = settings.TrainConfig(cache=str(cache), epochs=1, steps_per_epoch=1, **FAST)
     assert config.precision == "auto"
-    result = training.train(config, tmp_path)
+    result = train.train(config, tmp_path)
     saved = runs.load_run_config(result.run_dir)
-    expected, reason = distribute.choose_precision("auto", on_gpu=False)
+    expected, reason = precisions.choose_precision("auto", on_gpu=False)
     assert (saved["precision"], saved["precision_reason"]) == (expected, reason)
     assert saved["precision_reason"].startswith("auto: ")
-    resumed_config = training.config_from_run(saved)
+    resumed_config = settings.config_from_run(saved)
     assert resumed_config.precision == expected  # a resumed run keeps what was chosen

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import rle
-from pneumo_cli.cli import app
-from pneumo_cli.config import PreprocessConfig
-from pneumo_cli.imaging import prepare_image, prepare_mask
-from pneumo_cli.postprocess import Gate, save_gate
-from pneumo_cli.predict import Item, load_predictor, output_row
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.config import PreprocessConfig
+from pneumo_cli.data.imaging import prepare_image, prepare_mask
+from pneumo_cli.inference.outputs import output_row
+from pneumo_cli.inference.postprocess import Gate, save_gate
+from pneumo_cli.inference.predictor import load_predictor
+from pneumo_cli.inference.sources import Item
+from pneumo_cli.io import rle
 
 runner = CliRunner()
 
@@ -214,7 +216,7 @@ def test_loading_keeps_order_and_runs_a_bounded_distance_ahead() -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from pneumo_cli.predict import _ordered_map
+    from pneumo_cli.inference.predict import _ordered_map
 
     started, consumed, lock = [0], [0], threading.Lock()
     most_ahead = [0]

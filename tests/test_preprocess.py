@@ -14,18 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumo_cli.config import PreprocessConfig
-from pneumo_cli.dicom_io import read_xray, write_dicom
-from pneumo_cli.errors import ConfigError, InputError, OutputError, RleError
-from pneumo_cli.files import read_grey_png, read_mask_png, write_mask_png
-from pneumo_cli.imaging import detect_crop, prepare_image, prepare_mask, restore_to_original
-from pneumo_cli.preprocess import (
-    MANIFEST_COLUMNS,
-    load_cache_settings,
-    load_manifest,
-    run_preprocess,
-)
-from pneumo_cli.rle import decode_union, encode_rle, read_rle_csv
+from pneumo_cli.core.config import PreprocessConfig
+from pneumo_cli.core.errors import ConfigError, InputError, OutputError, RleError
+from pneumo_cli.core.files import read_grey_png, read_mask_png, write_mask_png
+from pneumo_cli.data.cache import MANIFEST_COLUMNS, load_cache_settings, load_manifest
+from pneumo_cli.data.imaging import detect_crop, prepare_image, prepare_mask, restore_to_original
+from pneumo_cli.data.preprocess import run_preprocess
+from pneumo_cli.io.dicom_read import read_xray
+from pneumo_cli.io.dicom_write import write_dicom
+from pneumo_cli.io.rle import decode_union, encode_rle, read_rle_csv
 from tests.conftest import REAL_TRAIN_AREAS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,7 +379,7 @@ def test_cli_json_summary_and_one_line_errors(tmp_path: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from pneumo_cli.cli import app
+    from pneumo_cli.cli.main import app
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pneumo_cli import rle
-from pneumo_cli.errors import RleError
+from pneumo_cli.core.errors import RleError
+from pneumo_cli.io import rle
 from tests.conftest import REAL_TRAIN_AREAS
 
 

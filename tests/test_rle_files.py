@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import rle
-from pneumo_cli.cli import app
+from pneumo_cli.cli.main import app
+from pneumo_cli.io import rle
 from tests.conftest import REAL_TRAIN_AREAS
 
 runner = CliRunner()

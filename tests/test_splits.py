@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pneumo_cli.splits import Assignment, SplitItem, assign_splits
+from pneumo_cli.data.splits import Assignment, SplitItem, assign_splits
 
 
 def _items(n_pos: int, n_neg: int, per_patient: int = 1, prefix: str = "img") -> list[SplitItem]:

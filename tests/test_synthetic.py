@@ -12,17 +12,12 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import dicom_io
-from pneumo_cli.cli import app
-from pneumo_cli.demo_dataset import (
-    CORRUPTION_KINDS,
-    CSV_HEADER,
-    iter_demo_images,
-    write_demo_dataset,
-)
-from pneumo_cli.errors import ConfigError, DicomError, InputError, OutputError
-from pneumo_cli.rle import decode_rle, decode_union, read_rle_csv
-from pneumo_cli.synthetic import MAX_PTX_FRACTION, MIN_PTX_FRACTION, draw_phantom
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError, DicomError, InputError, OutputError
+from pneumo_cli.data.demo import CORRUPTION_KINDS, CSV_HEADER, iter_demo_images, write_demo_dataset
+from pneumo_cli.data.synthetic import MAX_PTX_FRACTION, MIN_PTX_FRACTION, draw_phantom
+from pneumo_cli.io import dicom_read
+from pneumo_cli.io.rle import decode_rle, decode_union, read_rle_csv
 
 N, SIZE, SEED = 30, 128, 3
 runner = CliRunner()
@@ -171,7 +166,7 @@ def test_csv_is_in_the_stage1_format_and_decodes_to_the_drawn_masks(demo):
 def test_images_read_back_match_the_phantoms_within_jpeg_loss(demo):
     out, _, images = demo
     for item in images:
-        xray = dicom_io.read_xray(out / item.relative_path)
+        xray = dicom_read.read_xray(out / item.relative_path)
         difference = np.abs(xray.image.astype(np.int16) - item.phantom.image.astype(np.int16))
         assert difference.mean() < 3.0 and difference.max() <= 40, item.photometric
         assert xray.meta["patient_key"] and xray.meta["view_position"] in ("AP", "PA")
@@ -184,7 +179,7 @@ def test_monochrome1_files_store_inverted_pixels_and_read_back_with_dark_air(dem
     for item in inverted:
         stored = pydicom.dcmread(out / item.relative_path).pixel_array
         assert stored[:6, :6].mean() > 200  # air is bright in the stored values
-        image = dicom_io.read_xray(out / item.relative_path).image
+        image = dicom_read.read_xray(out / item.relative_path).image
         assert image[:6, :6].mean() < 50
         assert abs(float(image.mean()) - float(item.phantom.image.mean())) < 2
 
@@ -195,7 +190,7 @@ def test_corrupt_files_are_rejected_by_the_reader(demo):
     assert (out / empty[0]).stat().st_size == 0
     for relative in summary.corrupted_files:
         with pytest.raises((DicomError, InputError)):
-            dicom_io.read_xray(out / relative)
+            dicom_read.read_xray(out / relative)
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(demo, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pneumo_cli.model import _NATIVE_NOISE
+from pneumo_cli.engine.tf import _NATIVE_NOISE
 
 
 def test_noise_pattern_keeps_real_messages():

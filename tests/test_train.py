@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import model, runs
-from pneumo_cli import train as training
-from pneumo_cli.cli import app
-from pneumo_cli.errors import ConfigError, InputError, OutputError
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError, InputError, OutputError
+from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.model import build, encoders, saving
+from pneumo_cli.training import resume, runs, settings, state, train
 from tests.cachefactory import Sample, synthetic_cache, write_cache
 
 pytestmark = pytest.mark.slow
@@ -61,9 +62,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_path: Path) -> None:
-    config = training.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
+    config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
     reporter = Recorder()
-    result = training.train(config, tmp_path / "runs", reporter=reporter)
+    result = train.train(config, tmp_path / "runs", reporter=reporter)
 
     history = runs.read_history(result.run_dir)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
@@ -78,17 +79,17 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
 
     saved = runs.load_run_config(run_dir)
     assert saved["input_scaling"] == "raw-0-255"
-    assert saved["keras_engine"] == model.keras_engine()
+    assert saved["keras_engine"] == tf_engine.keras_engine()
     assert saved["cache"] == str(cache.absolute()) and saved["image_size"] == 64
     assert saved["preprocess"]["image_size"] == 64 and saved["precision"] == "fp32"
     assert len(saved["cache_manifest_sha256"]) == 64
     assert saved["versions"]["tensorflow"].startswith("2.")
-    resolved = training.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
+    resolved = settings.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
                                     steps_per_epoch=15, **FAST)  # fmt: skip
-    assert training.config_from_run(saved) == resolved  # config.json round-trips
+    assert settings.config_from_run(saved) == resolved  # config.json round-trips
     assert saved["input_norm"] == "frozen"
     made_before_the_option = {k: v for k, v in saved.items() if k != "input_norm"}
-    assert training.config_from_run(made_before_the_option).input_norm == "trainable"
+    assert settings.config_from_run(made_before_the_option).input_norm == "trainable"
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_done"] == 4 and summary["best_epoch"] == result.best_epoch
@@ -101,25 +102,25 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
 
     # last.keras is the final network: it predicts like a fresh load of itself and gives
     # masks, not constants.
-    last = model.load_model(run_dir / "last.keras")
-    x = model.scale_input(cv2.imread(str(cache / "images/train000.png"), 0)[None, ..., None],
+    last = saving.load_model(run_dir / "last.keras")
+    x = encoders.scale_input(cv2.imread(str(cache / "images/train000.png"), 0)[None, ..., None],
                           "raw-0-255")  # fmt: skip
     assert last.predict(x, verbose=0).shape == (1, 64, 64, 1)
 
 
 def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> None:
-    config = training.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
+    config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
                                   **{**FAST, "augment": True})  # fmt: skip
-    straight = training.train(config, tmp_path, name="straight")
+    straight = train.train(config, tmp_path, name="straight")
     with pytest.raises(KeyboardInterrupt):
-        training.train(config, tmp_path, name="broken", reporter=Recorder(interrupt_after=2))
+        train.train(config, tmp_path, name="broken", reporter=Recorder(interrupt_after=2))
     broken = tmp_path / "broken"
     assert json.loads((broken / "state.json").read_text())["status"] == "interrupted"
     assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
     assert len(runs.read_history(broken)) == 2
 
     reporter = Recorder()
-    resumed = training.resume_training(broken, tmp_path, reporter=reporter)
+    resumed = resume.resume_training(broken, tmp_path, reporter=reporter)
     assert [row["epoch"] for row in reporter.rows] == [3, 4]  # did not restart at epoch 1
     assert resumed.epochs_done == 4 and resumed.status == "completed"
     ours, theirs = runs.read_history(broken), runs.read_history(straight.run_dir)
@@ -131,9 +132,9 @@ def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> 
     assert runs.resolve_run(None, tmp_path) == broken  # resuming makes it the latest
 
     with pytest.raises(ConfigError, match="has finished already .completed after 4 epoch"):
-        training.resume_training(broken, tmp_path)
+        resume.resume_training(broken, tmp_path)
     with pytest.raises(ConfigError, match="is not a pneumo run"):
-        training.resume_training(cache, tmp_path)
+        resume.resume_training(cache, tmp_path)
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) -> None:
@@ -158,31 +159,29 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) 
         path.write_text("x")
     stale_pointer = run.parent / f".pneumo-tmp-{dead.stdout.strip()}-latest"
     stale_pointer.symlink_to("train", target_is_directory=True)
-    training._remove_leftovers(run, "state/epoch-0002")
+    state._remove_leftovers(run, "state/epoch-0002")
     assert {path: path.exists() for path in planted} == planted
     assert not (run / "state" / "epoch-0003_temp").exists()
     assert not stale_pointer.is_symlink() and run.is_dir()
-    training._remove_leftovers(run, None)  # a fresh start keeps no checkpoint
+    state._remove_leftovers(run, None)  # a fresh start keeps no checkpoint
     assert sorted(p.name for p in (run / "state").iterdir()) == ["notes.txt"]
 
 
 def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> None:
-    config = training.TrainConfig(cache=str(cache), **FAST)
+    config = settings.TrainConfig(cache=str(cache), **FAST)
     with pytest.raises(ConfigError, match="holds 64 px images but --image-size is 128"):
-        training.train(training.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
+        train.train(settings.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
     with pytest.raises(InputError, match="no labelled images in split 'holdout'"):
-        training.train(
-            training.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path
-        )
+        train.train(settings.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path)
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputError, match="exists already; choose another --name"):
-        training.train(config, tmp_path, name="taken")
+        train.train(config, tmp_path, name="taken")
     with pytest.raises(ConfigError, match="unknown loss 'dice'; choose one of: bce, bce-dice"):
-        training.train(training.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
+        train.train(settings.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
     with pytest.raises(
         ConfigError, match=r"--gpus 3 asks for more GPUs than are visible \(0: none\)"
     ):
-        training.train(training.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
+        train.train(settings.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
     rng = np.random.default_rng(0)
     blank = np.zeros((64, 64), np.uint8)
     splits = ["val", "train", "train"]
@@ -190,7 +189,7 @@ def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> No
              for i in range(3)]  # fmt: skip
     negatives = write_cache(tmp_path / "negatives", empty, 64)
     with pytest.raises(InputError, match="split 'train' has no image with a pneumothorax"):
-        training.train(training.TrainConfig(cache=str(negatives), **FAST), tmp_path)
+        train.train(settings.TrainConfig(cache=str(negatives), **FAST), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["negatives", "taken"]  # no run made
 
 
@@ -253,10 +252,10 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_strategy_on_two_cpu_replicas_matches_one(tmp_path: Path) -> None:
-    tf = model.import_tf()
+    tf = tf_engine.import_tf()
     tf.keras.utils.set_random_seed(0)
     weights = tmp_path / "start.h5"
-    model.build_model("resnet18", 64, encoder_weights=None).save_weights(weights)
+    build.build_model("resnet18", 64, encoder_weights=None).save_weights(weights)
     results = {}
     for replicas in (1, 2):  # logical CPU devices must exist before TF starts: a fresh process
         done = subprocess.run(
@@ -275,7 +274,7 @@ def test_mirrored_strategy_on_two_cpu_replicas_matches_one(tmp_path: Path) -> No
 def _real_cache(siim: Path, folder: Path, size: int) -> Path:
     import pydicom
 
-    from pneumo_cli.rle import decode_union, read_rle_csv
+    from pneumo_cli.io.rle import decode_union, read_rle_csv
     from tests.conftest import REAL_TRAIN_AREAS
 
     rows = read_rle_csv(siim / "csv" / "train-rle.csv.gz")
@@ -294,10 +293,10 @@ def _real_cache(siim: Path, folder: Path, size: int) -> Path:
 
 def test_overfits_the_real_positive_siim_images(siim: Path, tmp_path: Path) -> None:
     cache = _real_cache(siim, tmp_path / "cache", 128)
-    config = training.TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
+    config = settings.TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
                                   **{**FAST, "batch_size": 2})  # fmt: skip
     reporter = Recorder()
-    training.train(config, tmp_path / "runs", reporter=reporter)
+    train.train(config, tmp_path / "runs", reporter=reporter)
     history = runs.read_history(tmp_path / "runs" / "train")
     assert reporter.first_step_loss / history[-1]["loss"] >= 5.0
     assert history[-1]["dice"] > 0.9

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumo_cli.errors import ConfigError, InputError
-from pneumo_cli.metrics import dice_score, iou_score
-from pneumo_cli.postprocess import Gate, apply_gate
-from pneumo_cli.tuning import GateGrid, tune_gate
+from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.metrics import dice_score, iou_score
+from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
+from pneumo_cli.inference.postprocess import Gate, apply_gate
 
 
 def positive_case(shift: int) -> tuple[np.ndarray, np.ndarray]:

@@ -141,7 +141,7 @@ def mounts() -> Iterator[Mounts]:
 
 def write_raw_dicoms(raw: Path, count: int, size: int, seed: int, prefix: str = "x") -> list[str]:
     """``count`` JPEG DICOMs ``raw/<prefix>NN.dcm`` of fake X-rays; returns their ImageIds."""
-    from pneumo_cli.dicom_io import write_dicom
+    from pneumo_cli.io.dicom_write import write_dicom
 
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -153,7 +153,7 @@ def write_raw_dicoms(raw: Path, count: int, size: int, seed: int, prefix: str = 
 
 def write_rle_csv(path: Path, ids: list[str], size: int, seed: int, noisy: bool = False) -> None:
     """An ``ImageId,EncodedPixels`` CSV with a rectangle (``noisy``: speckled) on 2 of 3 ids."""
-    from pneumo_cli.rle import encode_rle
+    from pneumo_cli.io.rle import encode_rle
 
     rng = np.random.default_rng(seed)
     lines = ["ImageId,EncodedPixels"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_cli import preprocess_inputs
-from pneumo_cli.config import PreprocessConfig
-from pneumo_cli.errors import OutputError
-from pneumo_cli.files import TEMP_PREFIX
-from pneumo_cli.preprocess import run_preprocess
+from pneumo_cli.core.config import PreprocessConfig
+from pneumo_cli.core.errors import OutputError
+from pneumo_cli.core.files import TEMP_PREFIX
+from pneumo_cli.data import inputs as data_inputs
+from pneumo_cli.data.preprocess import run_preprocess
 from tests.robustness.conftest import (
     Mounts,
     folder_size_kb,
@@ -125,7 +125,7 @@ def test_a_write_error_in_one_worker_leaves_no_temporary_of_another(
     opening and renaming a record's temporary file. Made certain here, not left to timing."""
     write_raw_dicoms(tmp_path / "raw", 4, 128, seed=6, prefix="a")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(preprocess_inputs, "_process_task", _fail_while_the_other_worker_writes)
+    monkeypatch.setattr(data_inputs, "_process_task", _fail_while_the_other_worker_writes)
     with pytest.raises(OutputError, match="no space left on device"):
         run_preprocess(tmp_path / "raw", cache, PreprocessConfig(image_size=64), workers=2)
     assert (cache / "records").is_dir()

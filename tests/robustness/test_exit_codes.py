@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.dicom_io import write_dicom
-from pneumo_cli.files import write_mask_png
-from pneumo_cli.model import import_tf
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.files import write_mask_png
+from pneumo_cli.engine.tf import import_tf
+from pneumo_cli.io.dicom_write import write_dicom
 from tests.robustness.conftest import copy_run, error_lines, fake_xray, run_pneumo
 
 runner = CliRunner()

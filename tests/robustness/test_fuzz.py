@@ -15,10 +15,10 @@ import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pneumo_cli import rle
-from pneumo_cli.dicom_io import read_header, read_xray
-from pneumo_cli.errors import PneumoError, RleError
-from pneumo_cli.rle_files import decode_csv
+from pneumo_cli.core.errors import PneumoError, RleError
+from pneumo_cli.io import rle
+from pneumo_cli.io.dicom_read import read_header, read_xray
+from pneumo_cli.io.rle_files import decode_csv
 from tests.robustness.conftest import time_limit
 
 PER_INPUT_SECONDS = 10.0
@@ -192,8 +192,8 @@ def test_read_xray_on_bit_flipped_real_files(siim: Path, which: int, flips) -> N
 def test_preprocess_writes_nothing_for_corrupt_copies(siim: Path, tmp_path: Path) -> None:
     """Seeded truncated and bit-flipped copies of a real DICOM through `run_preprocess`: each is
     cached or rejected, and a rejected one leaves no image, mask or record behind."""
-    from pneumo_cli.config import PreprocessConfig
-    from pneumo_cli.preprocess import run_preprocess
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.data.preprocess import run_preprocess
 
     original = _real_dicom_bytes(siim)[0]  # ...301...280319
     rng = np.random.default_rng(2024)

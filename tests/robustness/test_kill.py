@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_cli.dicom_io import write_dicom
-from pneumo_cli.files import LOCK_NAME
-from pneumo_cli.rle import encode_rle
+from pneumo_cli.core.locks import LOCK_NAME
+from pneumo_cli.io.dicom_write import write_dicom
+from pneumo_cli.io.rle import encode_rle
 from tests.robustness.conftest import (
     TEMP_PREFIX,
     cli_env,

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.model import load_model
+from pneumo_cli.cli.main import app
+from pneumo_cli.model.saving import load_model
 from tests.cachefactory import synthetic_cache
 from tests.robustness.conftest import (
     TEMP_PREFIX,

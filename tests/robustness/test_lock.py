@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_cli.dicom_io import write_dicom
-from pneumo_cli.errors import OutputError
-from pneumo_cli.files import LOCK_NAME, folder_lock
+from pneumo_cli.core.errors import OutputError
+from pneumo_cli.core.locks import LOCK_NAME, folder_lock
+from pneumo_cli.io.dicom_write import write_dicom
 from tests.robustness.conftest import cli_env, fake_xray, pneumo_command, tree_bytes
 
 

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli import model
-from pneumo_cli.cli import app
-from pneumo_cli.errors import ConfigError, InputError
-from pneumo_cli.model import build_model, import_tf, load_model
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.engine.tf import import_tf
+from pneumo_cli.model import build, encoders
+from pneumo_cli.model.build import build_model
+from pneumo_cli.model.saving import load_model
 from tests.robustness.conftest import REPO, copy_run, error_lines
 
 runner = CliRunner()
@@ -270,16 +272,16 @@ def test_every_model_build_model_accepts_can_be_loaded_again() -> None:
 def test_encoders_whose_unet_holds_code_are_refused_saying_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    usable = model.available_encoders()
-    assert "resnet18" in usable and not set(usable) & set(model.CODE_ENCODERS)
+    usable = encoders.available_encoders()
+    assert "resnet18" in usable and not set(usable) & set(encoders.CODE_ENCODERS)
     with pytest.raises(ConfigError) as refused:
-        model.check_encoder("resnext50")
+        encoders.check_encoder("resnext50")
     message = str(refused.value)
     assert "\n" not in message and "Lambda layers" in message and "refuses to load" in message
     assert message.endswith(f"choose one of: {', '.join(usable)}")
     with pytest.raises(ConfigError, match="^unknown encoder 'resnet35'; choose one of: resnet18"):
-        model.check_encoder("resnet35")
+        encoders.check_encoder("resnet35")
     # build_model also checks the network it built (a future segmentation_models may differ)
-    monkeypatch.setattr(model, "CODE_ENCODERS", ())
+    monkeypatch.setattr(encoders, "CODE_ENCODERS", ())
     with pytest.raises(ConfigError, match=r"encoder 'seresnet18' cannot be used: .*\('lambda"):
-        model.build_model("seresnet18", 64, "none")
+        build.build_model("seresnet18", 64, "none")

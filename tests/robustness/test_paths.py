@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.dicom_io import write_dicom
-from pneumo_cli.files import write_mask_png
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.files import write_mask_png
+from pneumo_cli.io.dicom_write import write_dicom
 from tests.robustness.conftest import fake_xray, time_limit
 
 runner = CliRunner()

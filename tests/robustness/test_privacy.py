@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pneumo_cli.cli import app
-from pneumo_cli.dicom_io import PHI_FIELDS, write_dicom
+from pneumo_cli.cli.main import app
+from pneumo_cli.io.dicom_read import PHI_FIELDS
+from pneumo_cli.io.dicom_write import write_dicom
 from tests.robustness.conftest import fake_xray, run_pneumo, write_rle_csv
 
 runner = CliRunner()

@@ -1,0 +1,247 @@
+"""`pneumo evaluate`: score predictions with the SIIM metric and write an evaluation folder."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pneumo_cli.cli.options import Json, Quiet, Tta
+
+
+class Split(StrEnum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class ScoreAt(StrEnum):
+    original = "original"
+    model = "model"
+
+
+def default_out_dir(predictions: Path) -> Path:
+    """``eval-<predictions stem>/`` beside the predictions file (``.gz`` stripped too)."""
+    name = predictions.name
+    for suffix in (".gz", ".csv"):
+        name = name.removesuffix(suffix)
+    return predictions.parent / f"eval-{name}"
+
+
+def evaluate(
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Offline mode: a SIIM submission CSV (ImageId,EncodedPixels; an optional "
+            "max_prob column gives the ROC AUC). Needs --truth; no TensorFlow.",
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option("--truth", help="Offline mode: the RLE truth CSV (e.g. train-rle.csv)."),
+    ] = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Score the ImageIds the two files share instead of failing when some are missing.",
+        ),
+    ] = False,
+    height: Annotated[
+        int, typer.Option("--height", min=1, help="Offline mode: image height of the RLE.")
+    ] = 1024,
+    width: Annotated[
+        int, typer.Option("--width", min=1, help="Offline mode: image width of the RLE.")
+    ] = 1024,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            "--run", help="Model mode: the run folder to evaluate [default: runs/latest]."
+        ),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="Model mode: cache folder [default: the run's cache]."),
+    ] = None,
+    split: Annotated[
+        Split | None,
+        typer.Option("--split", help="Model mode: split to score [default: the run's val split]."),
+    ] = None,
+    tta: Annotated[
+        Tta, typer.Option("--tta", help="Model mode: test-time augmentation.")
+    ] = Tta.none,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="Model mode, val only: grid-search the post-processing gate and save the best "
+            "as <run>/postprocess.json.",
+        ),
+    ] = False,
+    at: Annotated[
+        ScoreAt,
+        typer.Option("--at", help="Model mode: score at the original or the model resolution."),
+    ] = ScoreAt.original,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Output folder [default: eval-<predictions name>/ beside the predictions file "
+            "offline, <run>/eval-<split>/ in model mode]. Existing files are replaced.",
+        ),
+    ] = None,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score predictions with the SIIM metric (mean Dice, empty vs empty = 1) and image-level
+    metrics; write metrics.json, per_image.csv, roc.png, pr.png, dice_hist.png and report.html.
+
+    Offline: pneumo evaluate --predictions submission.csv --truth train-rle.csv
+    """
+    offline = predictions is not None or truth is not None
+    if offline:
+        model_options = {
+            "--run": run is not None,
+            "--cache": cache is not None,
+            "--split": split is not None,
+            "--tta": tta is not Tta.none,
+            "--tune": tune,
+            "--at": at is not ScoreAt.original,
+        }
+        used = [name for name, given in model_options.items() if given]
+        if used:
+            raise typer.BadParameter(
+                f"{', '.join(used)} belong(s) to model mode; offline scoring takes "
+                "--predictions and --truth only"
+            )
+        if predictions is None or truth is None:
+            missing = "--truth" if truth is None else "--predictions"
+            raise typer.BadParameter(
+                f"offline scoring needs both --predictions and --truth ({missing} missing)"
+            )
+        _evaluate_offline(predictions, truth, allow_missing, height, width, out, json_output, quiet)
+    else:
+        _evaluate_model(run, cache, split, tta, tune, at, out, json_output, quiet)
+
+
+def _evaluate_offline(
+    predictions: Path,
+    truth: Path,
+    allow_missing: bool,
+    height: int,
+    width: int,
+    out: Path | None,
+    json_output: bool,
+    quiet: bool,
+) -> None:
+    from pneumo_cli.cli.console import print_note, print_warning
+    from pneumo_cli.evaluation.scoring import score_submission, write_evaluation
+
+    evaluation = score_submission(predictions, truth, allow_missing, height, width)
+    missing = evaluation.metrics["missing"]
+    if missing["not_in_predictions"] or missing["not_in_truth"]:
+        print_warning(
+            f"scored {evaluation.metrics['n_images']} images in common; "
+            f"{missing['not_in_predictions']} truth ImageIds have no prediction and "
+            f"{missing['not_in_truth']} predicted ImageIds have no truth"
+        )
+    out_dir = out if out is not None else default_out_dir(predictions)
+    written = write_evaluation(evaluation, out_dir)
+    _render(evaluation.metrics, json_output)
+    if not quiet:
+        print_note(f"wrote {len(written)} files to {out_dir}/ (open {written['report.html']})")
+
+
+def _evaluate_model(
+    run: Path | None,
+    cache: Path | None,
+    split: Split | None,
+    tta: Tta,
+    tune: bool,
+    at: ScoreAt,
+    out: Path | None,
+    json_output: bool,
+    quiet: bool,
+) -> None:
+    import functools
+
+    from pneumo_cli.cli.console import print_note, progress_bar
+    from pneumo_cli.evaluation.model_eval import evaluate_run
+
+    result = evaluate_run(
+        run,
+        cache=cache,
+        split=split.value if split is not None else None,
+        tta=tta.value,
+        tune=tune,
+        at=at.value,
+        out_dir=out,
+        progress_factory=functools.partial(progress_bar, quiet=quiet),
+    )
+    if result.tuned and not json_output:
+        _render_tuning(result.tuned)
+    _render(result.evaluation.metrics, json_output)
+    if not quiet:
+        if result.tuned:
+            print_note(f"saved the best gate to {result.written['metrics.json'].parent.parent}")
+        print_note(
+            f"wrote the evaluation to {result.out_dir}/ (open {result.written['report.html']})"
+        )
+
+
+def _render_tuning(tuned: list[Any]) -> None:
+    from rich.table import Table
+
+    from pneumo_cli.cli.console import stdout_console
+
+    table = Table(title="best post-processing gates (val)")
+    for column in ("top thr", "min area px", "bottom thr", "min comp px", "mean Dice"):
+        table.add_column(column, justify="right")
+    for score in tuned[:5]:
+        gate = score.gate
+        table.add_row(
+            f"{gate.top_threshold:g}",
+            f"{gate.min_area_px:g}",
+            f"{gate.bottom_threshold:g}",
+            f"{gate.min_component_area_px:g}",
+            f"{score.mean_dice:.4f}",
+        )
+    stdout_console().print(table)
+
+
+def _render(metrics: dict[str, Any], json_output: bool) -> None:
+    from rich.table import Table
+
+    from pneumo_cli.cli.console import stdout_console
+
+    if json_output:
+        typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+        return
+    table = Table(title="pneumo evaluate", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def number(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    table.add_row("Mean Dice (SIIM)", number("mean_dice"))
+    table.add_row("Mean IoU (SIIM)", number("mean_iou"))
+    table.add_row("Dice, positives only", number("positive_mean_dice"))
+    table.add_row("IoU, positives only", number("positive_mean_iou"))
+    table.add_row("Sensitivity", number("sensitivity"))
+    table.add_row("Specificity", number("specificity"))
+    table.add_row("Precision", number("precision"))
+    table.add_row("Accuracy", number("accuracy"))
+    table.add_row("ROC AUC", number("roc_auc"))
+    cm = metrics["confusion_matrix"]
+    table.add_row("TP / FP / FN / TN", f"{cm['tp']} / {cm['fp']} / {cm['fn']} / {cm['tn']}")
+    table.add_row(
+        "Images (pos / neg)",
+        f"{metrics['n_images']} ({metrics['n_positive']} / {metrics['n_negative']})",
+    )
+    stdout_console().print(table)

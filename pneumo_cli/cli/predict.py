@@ -1,0 +1,130 @@
+"""`pneumo predict`: masks, probabilities and a submission CSV for new X-rays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pneumo_cli.cli.options import Json, Overwrite, Quiet, Tta, Workers
+from pneumo_cli.cli.render import print_summary
+
+RunOption = Annotated[
+    Path | None,
+    typer.Option("--run", help="Run folder written by `pneumo train` (default: runs/latest)."),
+]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Predict with a model written by `pneumo export` (its folder, or the model.onnx, "
+        "model.tflite or saved_model in it) instead of a run; ONNX needs onnxruntime only.",
+    ),
+]
+TtaOption = Annotated[
+    Tta, typer.Option("--tta", help="Test-time augmentation: none, or hflip (mirror average).")
+]
+TopThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--top-threshold", min=0.0, max=1.0, help="Gate: probability a pixel must exceed to count."
+    ),
+]
+MinArea = Annotated[
+    float | None,
+    typer.Option(
+        "--min-area",
+        min=0.0,
+        help="Gate: the image is empty unless this many original pixels exceed --top-threshold.",
+    ),
+]
+BottomThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--bottom-threshold", min=0.0, max=1.0, help="Gate: mask = pixels above this probability."
+    ),
+]
+MinComponentArea = Annotated[
+    float | None,
+    typer.Option(
+        "--min-component-area",
+        min=0.0,
+        help="Gate: remove connected regions smaller than this many original pixels.",
+    ),
+]
+
+
+def predict(
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="INPUT",
+            help="DICOM, PNG or JPEG files, or folders searched recursively.",
+            show_default=False,
+        ),
+    ] = None,
+    run: RunOption = None,
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("predictions"),
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Predict cached images instead of files.")
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="With --cache: train, val or test.")
+    ] = "test",
+    tta: TtaOption = Tta.none,
+    top_threshold: TopThreshold = None,
+    min_area: MinArea = None,
+    bottom_threshold: BottomThreshold = None,
+    min_component_area: MinComponentArea = None,
+    save_probs: Annotated[
+        bool, typer.Option("--save-probs", help="Also write probability maps (x255) as PNG.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 8,
+    overwrite: Overwrite = False,
+    workers: Workers = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Predict pneumothorax masks with a trained run, at each X-ray's original resolution.
+
+    Applies the preprocessing recorded in the run, then the post-processing gate (the run's
+    postprocess.json from `pneumo evaluate --tune`, else 0.5 / 0 / 0.5 / 0; each value can be
+    overridden). With --model, an exported model is used instead, with the preprocessing and
+    gate recorded in its pneumo-model.json. Writes OUT/masks/<ImageId>.png (0/255),
+    OUT/predictions.csv (ImageId, has_pneumothorax, max_prob, area_px, EncodedPixels) and
+    OUT/submission.csv (Kaggle format).
+    Unreadable inputs are listed in OUT/rejected.csv; finished images are skipped on a re-run
+    unless --overwrite.
+    """
+    import functools
+
+    from pneumo_cli.cli.console import print_warning, progress_bar
+    from pneumo_cli.inference.predict import predict as run_predict
+
+    if bool(inputs) == (cache is not None):
+        raise typer.BadParameter("give either INPUT files/folders or --cache CACHE, not both")
+    summary = run_predict(
+        inputs or [],
+        run=run,
+        model=model,
+        out_dir=out,
+        cache=cache,
+        split=split,
+        tta=tta.value,
+        gate_overrides={
+            "top_threshold": top_threshold,
+            "min_area_px": min_area,
+            "bottom_threshold": bottom_threshold,
+            "min_component_area_px": min_component_area,
+        },
+        save_probs=save_probs,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        workers=workers,
+        progress_factory=functools.partial(progress_bar, "predicting", quiet=quiet),
+    )
+    if summary.rejected:
+        print_warning(f"{summary.rejected} input(s) rejected; reasons in {out / 'rejected.csv'}")
+    print_summary("pneumo predict", summary.to_dict(), as_json)

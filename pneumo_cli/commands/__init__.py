@@ -1,1 +1,0 @@
-"""One module per command family; each function parses options and calls one library function."""

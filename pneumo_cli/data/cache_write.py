@@ -1,0 +1,215 @@
+"""TODO: split-out module docstring."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pneumo_cli import __version__
+from pneumo_cli.core.config import PreprocessConfig, to_dict
+from pneumo_cli.core.errors import ConfigError, OutputError
+from pneumo_cli.core.files import (
+    atomic_write_json,
+    ensure_output_dir,
+    remove_stale_temporaries,
+)
+from pneumo_cli.data.cache import (
+    _NULLABLE_INT_COLUMNS,
+    MANIFEST_COLUMNS,
+    PHI_FILE,
+    TRUTH_FILE,
+    _read_json,
+    _read_manifest,
+)
+from pneumo_cli.data.splits import Assignment, SplitItem, assign_splits
+
+_OUR_FOLDERS = {"images": ".png", "masks": ".png", "records": ".json"}
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot remove {path}: {exc.strerror}") from None
+
+
+def _previous_sources(previous: Any) -> dict[str, str]:
+    """ImageId -> source of an earlier manifest (that source wins a duplicate-id contest)."""
+    if previous is None:
+        return {}
+    return dict(zip(previous["ImageId"], previous["source"], strict=True))
+
+
+def _refuse_inside(cache: Path, raw: Path, masks_dir: str | os.PathLike[str] | None) -> None:
+    resolved = cache.resolve()
+    for given in (raw, masks_dir):
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if resolved == source or source in resolved.parents:
+            raise OutputError(
+                f"CACHE_DIR {cache} is inside input folder {given}; pneumo never writes into its "
+                "inputs, so choose a cache folder outside it"
+            )
+
+
+def _check_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]) -> Any:
+    """Refuse a cache made with other settings or labels; return its earlier manifest (or None).
+
+    Reads only: nothing is written before the whole run is known to be possible.
+    """
+    info_path = cache / "preprocess.json"
+    ours_exist = any((cache / name).is_dir() for name in _OUR_FOLDERS)
+    if info_path.is_file():
+        info = _read_json(info_path)
+        old = info.get("settings", {})
+        differences = [
+            f"{key} {old.get(key)!r} -> {value!r}"
+            for key, value in to_dict(settings).items()
+            if old.get(key) != value
+        ]
+        if info.get("labels") != labels:
+            differences.append("label input (--rle/--masks file or its content)")
+        if differences:
+            raise ConfigError(
+                f"{cache} was made with other settings ({'; '.join(differences[:4])}); "
+                "use --overwrite to rebuild it, or choose another CACHE_DIR"
+            )
+    elif ours_exist:
+        raise ConfigError(
+            f"{cache} has images/masks/records folders but no preprocess.json; it is not a "
+            "pneumo cache (use --overwrite to rebuild it, or choose another CACHE_DIR)"
+        )
+    if (cache / "manifest.csv").is_file():
+        return _read_manifest(cache / "manifest.csv")
+    return None
+
+
+def _start_cache(
+    cache: Path, settings: PreprocessConfig, labels: dict[str, str], overwrite: bool
+) -> None:
+    """Create the folders (emptied with ``overwrite``) and record the settings, marked
+    incomplete, before any image is written."""
+    ensure_output_dir(cache)
+    if overwrite:
+        _wipe(cache)
+    for name in _OUR_FOLDERS:
+        ensure_output_dir(cache / name)
+    _sweep_temporaries(cache)
+    _write_settings(cache, settings, labels, {}, complete=False)
+
+
+def _sweep_temporaries(cache: Path) -> None:
+    for name in _OUR_FOLDERS:
+        remove_stale_temporaries(cache / name)
+    remove_stale_temporaries(cache)
+
+
+def _wipe(cache: Path) -> None:
+    """Delete what an earlier run wrote (only our own file names)."""
+    for name, suffix in _OUR_FOLDERS.items():
+        folder = cache / name
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.suffix == suffix and path.is_file():
+                    path.unlink()
+    for name in ("manifest.csv", "rejected.csv", "preprocess.json", TRUTH_FILE, PHI_FILE):
+        (cache / name).unlink(missing_ok=True)
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "pandas"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _write_settings(
+    cache: Path,
+    settings: PreprocessConfig,
+    labels: dict[str, str],
+    counts: dict[str, Any],
+    complete: bool,
+) -> None:
+    atomic_write_json(
+        cache / "preprocess.json",
+        {
+            "settings": to_dict(settings),
+            "labels": labels,
+            "versions": _package_versions(),
+            "pneumo_version": __version__,
+            "counts": counts,
+            "complete": complete,
+        },
+    )
+
+
+def _truth_csv(records: list[dict[str, Any]]) -> str:
+    """``ImageId,EncodedPixels`` of every labelled image at its original size, sorted."""
+    lines = ["ImageId,EncodedPixels"]
+    for record in sorted(records, key=lambda r: r["ImageId"]):
+        if record.get("truth_rle") is not None:
+            lines.append(f"{record['ImageId']},{record['truth_rle']}")
+    return "\n".join(lines) + "\n"
+
+
+def _rejected_csv(rejected: list[tuple[str, str]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(rejected)
+    return buffer.getvalue()
+
+
+def _build_manifest(
+    records: list[dict[str, Any]], settings: PreprocessConfig, previous: Any
+) -> Any:
+    import pandas as pd
+
+    items = [SplitItem(r["ImageId"], r["patient_key"], r["has_pneumothorax"]) for r in records]
+    earlier: dict[str, Assignment] = {}
+    if previous is not None:
+        for image_id, split, fold in zip(
+            previous["ImageId"], previous["split"], previous["fold"], strict=True
+        ):
+            earlier[image_id] = Assignment(split, int(fold))
+    assigned = assign_splits(
+        items,
+        val_fraction=settings.val_fraction,
+        test_fraction=settings.test_fraction,
+        folds=settings.folds,
+        seed=settings.seed,
+        previous=earlier,
+    )
+    rows = []
+    for record in sorted(records, key=lambda r: r["ImageId"]):
+        place = assigned[record["ImageId"]]
+        rows.append({**record, "split": place.split, "fold": place.fold})
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    for column in _NULLABLE_INT_COLUMNS:
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def _counts(manifest: Any, rejected: list[tuple[str, str]], unmatched: list[str]) -> dict[str, Any]:
+    labels = manifest["has_pneumothorax"]
+    folds = manifest.loc[manifest["fold"] >= 0, "fold"].value_counts().sort_index()
+    return {
+        "images": int(len(manifest)),
+        "positive": int((labels == 1).sum()),
+        "negative": int((labels == 0).sum()),
+        "unlabelled": int(labels.isna().sum()),
+        "rejected": len(rejected),
+        "labels_without_image": len(unmatched),
+        "splits": {s: int((manifest["split"] == s).sum()) for s in ("train", "val", "test")},
+        "folds": {str(k): int(v) for k, v in folds.items()},
+    }

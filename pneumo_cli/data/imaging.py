@@ -1,0 +1,175 @@
+"""Image steps of the cache, and their inverse for predictions (numpy + OpenCV, no TensorFlow).
+
+Forward (``pneumo preprocess``): crop the uniform dark border, CLAHE contrast correction, resize
+to ``image_size`` x ``image_size``. The crop box is kept so that :func:`restore_to_original` maps
+a prediction made on the cached image back to the original pixels. ``pneumo predict`` calls these
+same functions, so training and prediction inputs are prepared identically.
+
+Normalisation to the network's input range is *not* done here: the cache stores 8-bit PNGs and
+the training/prediction data pipeline scales them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pneumo_cli.core.config import PreprocessConfig
+
+# (top, bottom, left, right): rows [top, bottom), columns [left, right), in original pixels.
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the network.
+
+    Attributes:
+        image: uint8 (S, S), S = ``settings.image_size``.
+        crop: (top, bottom, left, right) in original pixels; rows [top, bottom), cols [left, right).
+        original_shape: (H, W) of the image before the crop.
+    """
+
+    image: np.ndarray
+    crop: Box
+    original_shape: tuple[int, int]
+
+
+def detect_crop(image: np.ndarray, threshold: int = 10, min_keep: float = 0.5) -> Box:
+    """Find the box inside the uniform dark border of a uint8 (H, W) image (air dark).
+
+    A border row (column) is one whose 99th-percentile value is at most ``threshold``: nearly all
+    of it is black, which tolerates JPEG ringing and a few stray bright pixels. Only rows and
+    columns touching the edges count; dark lung fields inside the image are never cut. A box that
+    would keep less than ``min_keep`` of the height or width is distrusted and the whole image is
+    kept (an almost black image is the corrupt filter's business, not the crop's).
+    """
+    import cv2
+
+    height, width = image.shape
+    # The 99th percentile along a line is below `threshold` iff fewer than 1% of its pixels
+    # exceed it: counting is much faster than a percentile (and OpenCV counts 8x faster than
+    # numpy sums a boolean array).
+    _, bright = cv2.threshold(np.ascontiguousarray(image), threshold, 1, cv2.THRESH_BINARY)
+    dark_rows = cv2.reduce(bright, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= width // 100
+    dark_cols = cv2.reduce(bright, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= height // 100
+    top, bottom = _inner_span(dark_rows)
+    left, right = _inner_span(dark_cols)
+    if bottom - top < min_keep * height or right - left < min_keep * width:
+        return 0, height, 0, width
+    return top, bottom, left, right
+
+
+def _inner_span(dark: np.ndarray) -> tuple[int, int]:
+    """First and one-past-last index that is not dark; (0, n) when every line is dark."""
+    keep = np.flatnonzero(~dark)
+    if keep.size == 0:
+        return 0, dark.size
+    return int(keep[0]), int(keep[-1]) + 1
+
+
+def apply_clahe(image: np.ndarray, clip: float = 2.0, grid: int = 8) -> np.ndarray:
+    """OpenCV CLAHE on a uint8 (H, W) image with ``grid`` x ``grid`` tiles; returns uint8 (H, W)."""
+    import cv2
+
+    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid, grid)).apply(image)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 (H, W) image to (size, size): area averaging when shrinking (no aliasing),
+    bilinear when enlarging."""
+    import cv2
+
+    height, width = image.shape
+    if (height, width) == (size, size):
+        return image.copy()
+    shrinking = height >= size and width >= size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def prepare_image(image: np.ndarray, settings: PreprocessConfig) -> Prepared:
+    """Crop, CLAHE and resize a uint8 (H, W) X-ray (air dark) as ``settings`` say.
+
+    Returns a :class:`Prepared` with the uint8 (S, S) image and the crop box in original pixels.
+    """
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"prepare_image needs uint8 (H, W), got {image.dtype} {image.shape}")
+    height, width = image.shape
+    crop = (0, height, 0, width)
+    if settings.crop_border:
+        crop = detect_crop(image, settings.crop_threshold, settings.crop_min_keep)
+    top, bottom, left, right = crop
+    region = image[top:bottom, left:right]
+    if settings.clahe:
+        region = apply_clahe(region, settings.clahe_clip, settings.clahe_grid)
+    return Prepared(resize_image(region, settings.image_size), crop, (height, width))
+
+
+def prepare_mask(mask: np.ndarray, crop: Box, settings: PreprocessConfig) -> np.ndarray:
+    """Crop and resize a {0,1} (H, W) mask like its image; returns uint8 {0,1} (S, S).
+
+    Shrinking: a cached pixel is foreground when at least half of the original pixels it covers
+    are (area interpolation, threshold 0.5), so areas scale faithfully. A connected region too
+    thin to cover half of any cached pixel (a 1-3 px sliver at 1024 px) would vanish that way; such
+    a region instead keeps every cached pixel it touches, so no annotation is ever erased.
+    Enlarging uses nearest neighbour.
+    """
+    import cv2
+
+    top, bottom, left, right = crop
+    region = (mask[top:bottom, left:right] > 0).astype(np.uint8)
+    size = settings.image_size
+    height, width = region.shape
+    if height < size or width < size:
+        return cv2.resize(region, (size, size), interpolation=cv2.INTER_NEAREST)
+    coverage = cv2.resize(region.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    small = (coverage >= 0.5).astype(np.uint8)
+    if not region.any():
+        return small
+    count, labels = cv2.connectedComponents(region, connectivity=8)
+    rows, cols = np.nonzero(labels)
+    small_rows, small_cols = rows * size // height, cols * size // width
+    kept = np.bincount(labels[rows, cols], weights=small[small_rows, small_cols], minlength=count)
+    lost = kept[labels[rows, cols]] == 0
+    small[small_rows[lost], small_cols[lost]] = 1
+    return small
+
+
+def restore_to_original(
+    array: np.ndarray, crop: Box, original_shape: tuple[int, int], is_mask: bool
+) -> np.ndarray:
+    """Map an (S, S) prediction back to the original (H, W) pixels: undo the resize into the crop
+    box and fill outside it with 0.
+
+    Args:
+        array: (S, S) float probabilities (``is_mask=False``, bilinear, returned as float32) or a
+            {0,1} mask (``is_mask=True``, nearest neighbour, returned as uint8 {0,1}).
+        crop: (top, bottom, left, right) from :class:`Prepared` or the manifest.
+        original_shape: (H, W) of the original image.
+    """
+    region = restore_region(array, crop, original_shape, is_mask)
+    top, bottom, left, right = crop
+    restored = np.zeros(original_shape, dtype=region.dtype)
+    restored[top:bottom, left:right] = region
+    return restored
+
+
+def restore_region(
+    array: np.ndarray, crop: Box, original_shape: tuple[int, int], is_mask: bool
+) -> np.ndarray:
+    """The crop box's part of :func:`restore_to_original` (everything outside it is 0)."""
+    import cv2
+
+    top, bottom, left, right = crop
+    height, width = original_shape
+    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+        raise ValueError(f"crop box {crop} does not fit an image of shape {original_shape}")
+    if is_mask:
+        source = (np.asarray(array) > 0).astype(np.uint8)
+        interpolation = cv2.INTER_NEAREST
+    else:
+        source = np.asarray(array, dtype=np.float32)
+        interpolation = cv2.INTER_LINEAR
+    return cv2.resize(source, (right - left, bottom - top), interpolation=interpolation)

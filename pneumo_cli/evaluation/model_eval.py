@@ -1,0 +1,287 @@
+"""`pneumo evaluate` on a trained run: predict one cache split, tune the gate, score, report.
+
+The probability maps of the split are computed once, at the model's resolution, by the predict
+code (:mod:`pneumo_cli.predict`). ``--tune`` searches the gate on those maps against the cached
+masks (areas scaled to original pixels per image) and saves the winner as the run's
+``postprocess.json``. Scoring then applies the gate the way ``pneumo predict`` does: by default
+at the original resolution, each map restored through resize and crop and compared with the
+image's original mask from ``CACHE/truth.csv`` (as Kaggle scored); with ``at="model"`` at the
+cached size against the cached mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.core.config import to_dict
+from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.files import ensure_output_dir, remove_stale_temporaries
+from pneumo_cli.inference.postprocess import (
+    POSTPROCESS_FILE,
+    Gate,
+    apply_gate,
+    area_scale_for,
+    save_gate,
+)
+
+SPLITS = ("train", "val", "test")
+RESOLUTIONS = ("original", "model")
+PANEL_SIZE_PX = 512
+TOP_GATES_SHOWN = 5
+
+
+@dataclass
+class RunEvaluation:
+    """What ``evaluate_run`` produced: the evaluation, its files and, with tuning, the ranking."""
+
+    evaluation: Any
+    written: dict[str, Path]
+    out_dir: Path
+    tuned: list[Any]
+    gate: Gate
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One image of the split: its manifest row, prepared item and probability map (S, S)."""
+
+    row: Any
+    item: Any
+    prob: np.ndarray
+
+
+def _predict_split(
+    predictor: Any, sources: list, load: Callable, batch_size: int, workers: int, progress: Any
+) -> list[_Scored]:
+    from pneumo_cli.inference.predict import predict_items
+    from pneumo_cli.inference.sources import Rejected
+
+    rows = {image_id: row for image_id, row in sources}
+    scored: list[_Scored] = []
+    with ThreadPoolExecutor(workers) as pool:
+
+        def prepare(source: tuple[str, Any]) -> Any:
+            try:
+                return load(source[1])
+            except InputError as exc:
+                return Rejected(source[0], str(exc))
+
+        for result in predict_items(predictor, pool.map(prepare, sources), batch_size):
+            if isinstance(result, Rejected):
+                raise InputError(f"cached image {result.source} unreadable: {result.reason}")
+            item, prob = result
+            # float16 halves the memory of a large split; the gate only compares thresholds.
+            scored.append(_Scored(rows[item.image_id], item, prob.astype(np.float16)))
+            progress(1)
+    return scored
+
+
+def _read_truth(cache: Path, image_ids: set[str]) -> dict[str, str]:
+    from pneumo_cli.data.cache import TRUTH_FILE
+    from pneumo_cli.io.rle import read_rle_csv
+
+    path = cache / TRUTH_FILE
+    if not path.is_file():
+        raise InputError(
+            f"{cache} has no {TRUTH_FILE} (made by an older pneumo); run `pneumo preprocess` "
+            "on it again with --overwrite, or use --at model"
+        )
+    truth = {row.image_id: row.encoded for row in read_rle_csv(path) if row.image_id in image_ids}
+    missing = sorted(image_ids - set(truth))
+    if missing:
+        raise InputError(f"{path} lacks {len(missing)} labelled image(s), e.g. {missing[0]}")
+    return truth
+
+
+def _cached_mask(cache: Path, row: Any) -> np.ndarray:
+    from pneumo_cli.core.files import read_mask_png
+
+    return read_mask_png(cache / row["mask"])
+
+
+def _crop_scale(item: Any, size: int) -> float:
+    top, bottom, left, right = item.crop
+    return area_scale_for((bottom - top, right - left), (size, size))
+
+
+def evaluate_run(
+    run: str | os.PathLike[str] | None,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    split: str | None = None,
+    tta: str = "none",
+    tune: bool = False,
+    at: str = "original",
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    workers: int | None = None,
+    progress_factory: Any = None,
+) -> RunEvaluation:
+    """Score a run on one split of its cache (see the module docstring).
+
+    ``progress_factory(description, total)`` returns a context manager yielding ``advance(n)``.
+
+    Raises:
+        ConfigError: tuning on anything but val, unknown split or resolution, a cache made with
+            other preprocessing settings than the run's.
+        InputError: no run or model, the split absent or without labelled images, no truth.
+    """
+    import contextlib
+
+    from pneumo_cli.core.metrics import overlap_counts
+    from pneumo_cli.data.cache import load_cache_settings
+    from pneumo_cli.evaluation.results import select_cases
+    from pneumo_cli.evaluation.scoring import score_counts, write_evaluation
+    from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
+    from pneumo_cli.inference.outputs import output_row, write_predictions
+    from pneumo_cli.inference.predictor import check_cache_matches, load_predictor
+    from pneumo_cli.inference.sources import cache_sources
+    from pneumo_cli.io.rle import decode_union
+    from pneumo_cli.training.runs import resolve_run
+
+    split = split or "val"
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    if at not in RESOLUTIONS:
+        raise ConfigError(f"unknown --at '{at}'; choose original or model")
+    if tune and split != "val":
+        raise ConfigError(
+            f"--tune on the {split} split is refused: tune the gate on val, then score test once"
+        )
+    run_dir = resolve_run(run)
+    predictor = load_predictor(run_dir, tta)
+    cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
+    check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
+    sources, load = cache_sources(cache_dir, split)
+    # The output folder is checked before the slow part, so a bad --out fails at once.
+    out = ensure_output_dir(
+        Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}", cache_dir
+    )
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(out / "overlays")
+    labelled = [(i, row) for i, row in sources if row["mask"]]
+    if not labelled:
+        raise InputError(f"split '{split}' of {cache_dir} has no labelled image to score")
+    factory = progress_factory or (lambda description, total: contextlib.nullcontext(lambda n: 0))
+    size = predictor.image_size
+    workers = workers or os.cpu_count() or 1
+
+    with factory(f"predicting {split}", len(labelled)) as advance:
+        scored = _predict_split(predictor, labelled, load, batch_size, workers, advance)
+
+    tuned: list[Any] = []
+    gate = predictor.gate
+    if tune:
+        with factory("tuning the gate", len(scored)) as advance:
+            tuned = tune_gate(
+                (s.prob for s in scored),
+                (_cached_mask(cache_dir, s.row) for s in scored),
+                GateGrid(),
+                area_scale=[_crop_scale(s.item, size) for s in scored],
+                progress=advance,
+            )
+        gate = tuned[0].gate
+        save_gate(run_dir / POSTPROCESS_FILE, gate)
+
+    truth_rle = (
+        _read_truth(cache_dir, {s.item.image_id for s in scored}) if at == "original" else {}
+    )
+
+    def image_masks(entry: _Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
+        prob = entry.prob.astype(np.float32)
+        if at == "model":
+            pred = apply_gate(prob, gate, area_scale=_crop_scale(entry.item, size))
+            return _cached_mask(cache_dir, entry.row), pred, None
+        record, pred, _ = output_row(entry.item.image_id, prob, entry.item, gate, keep_probs=False)
+        height, width = entry.item.original_shape
+        return decode_union([truth_rle[entry.item.image_id]], height, width), pred, record
+
+    ids, inters, truth_areas, pred_areas, max_probs, records = [], [], [], [], [], []
+    with factory("scoring", len(scored)) as advance, ThreadPoolExecutor(workers) as pool:
+        for entry, (truth, pred, record) in zip(scored, pool.map(image_masks, scored), strict=True):
+            inter, truth_area, pred_area = overlap_counts(truth, pred)
+            ids.append(entry.item.image_id)
+            inters.append(inter)
+            truth_areas.append(truth_area)
+            pred_areas.append(pred_area)
+            max_probs.append(float(entry.prob.max()))
+            if record is not None:
+                records.append(record)
+            advance(1)
+
+    details = {
+        "split": split,
+        "gate": to_dict(gate),
+        "gate_source": "tuned now" if tune else _gate_source(run_dir),
+        # Original images may differ in size; at model resolution every image is size x size.
+        "resolution": {
+            "at": at,
+            "height": size if at == "model" else None,
+            "width": size if at == "model" else None,
+        },
+        "tta": tta,
+        "run": str(run_dir),
+        "cache": str(cache_dir),
+        "image_size": size,
+        "unlabelled_skipped": len(sources) - len(labelled),
+    }
+    if tuned:
+        details["tuning"] = {
+            "grid_points": len(tuned),
+            "best": [dataclasses.asdict(score) for score in tuned[:TOP_GATES_SHOWN]],
+        }
+    evaluation = score_counts(ids, inters, truth_areas, pred_areas, max_probs, details)
+    panels = _report_panels(evaluation, select_cases(evaluation.rows), scored, cache_dir, gate, out)
+    if records:
+        write_predictions(out, sorted(records, key=lambda r: r["ImageId"]))
+    written = write_evaluation(evaluation, out, panels, inputs=[cache_dir])
+    return RunEvaluation(evaluation, written, out, tuned, gate, run_dir)
+
+
+def _gate_source(run_dir: Path) -> str:
+    return POSTPROCESS_FILE if (run_dir / POSTPROCESS_FILE).is_file() else "default"
+
+
+def _report_panels(
+    evaluation: Any,
+    cases: dict[str, list[Any]],
+    scored: list[_Scored],
+    cache: Path,
+    gate: Gate,
+    out: Path,
+) -> list[Any]:
+    """Overlay pictures (cached image, model resolution) of the images the report shows."""
+    from pneumo_cli.core.files import read_grey_png, write_png
+    from pneumo_cli.evaluation.report import ReportPanel
+    from pneumo_cli.overlay.render import format_title, render_panels
+
+    by_id = {s.item.image_id: s for s in scored}
+    folder = out / "overlays"
+    panels = []
+    for section, rows in cases.items():
+        for row in rows:
+            entry = by_id[row.image_id]
+            size = entry.item.image.shape[0]
+            pred = apply_gate(
+                entry.prob.astype(np.float32), gate, area_scale=_crop_scale(entry.item, size)
+            )
+            truth = _cached_mask(cache, entry.row)
+            image = read_grey_png(cache / entry.row["image"])
+            picture = render_panels(image, pred, truth, format_title(row.image_id, row.dice))
+            path = folder / f"{row.image_id}.png"
+            folder.mkdir(exist_ok=True)
+            write_png(path, picture)
+            caption = (
+                f"Dice {row.dice:.3f}, truth {row.truth_area} px, predicted {row.pred_area} px"
+            )
+            panels.append(ReportPanel(section, row.image_id, path, caption))
+    return panels

@@ -1,0 +1,299 @@
+"""`pneumo export`: a trained run -> a verified SavedModel, TFLite or ONNX model for deployment.
+
+The export is written into a temporary folder beside ``OUT``, loaded back with the runtime that
+will serve it (``export_runtime.load_runner``) and compared with the run's Keras model on fixed
+images: the run cache's validation images when the cache is still there, synthetic phantoms
+otherwise. Only an export that passes its parity check is renamed to ``OUT``; a failing one is
+deleted and the command exits 1. ``OUT/pneumo-model.json`` records what the model expects
+(input size and range, preprocessing settings), the post-processing gate, package versions and
+the parity results.
+
+Parity, per image set: the largest and mean absolute probability difference, the fraction of
+pixels whose post-processed mask agrees, and the mean per-image Dice between the Keras float32
+masks and the export's masks (two empty masks count as Dice 1). Tolerances per model kind are in
+:data:`TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pneumo_cli import __version__
+from pneumo_cli.core.config import PreprocessConfig, from_dict, to_dict
+from pneumo_cli.core.errors import ConfigError, InputError, OutputError, PneumoError
+from pneumo_cli.core.files import TEMP_PREFIX, atomic_write_json, describe_os_error
+from pneumo_cli.export.parity import (
+    PARITY_ORIGINAL_HW,
+    TOLERANCES,
+    Parity,
+    calibration_images,
+    compare_probabilities,
+    parity_images,
+    run_in_batches,
+)
+from pneumo_cli.inference.exported import (
+    FORMATS,
+    INPUT_NAME,
+    MANIFEST_FILE,
+    OUTPUT_NAME,
+    QUANTIZATIONS,
+    load_runner,
+)
+from pneumo_cli.inference.postprocess import (
+    POSTPROCESS_FILE,
+    Gate,
+    area_scale_for,
+    load_gate,
+)
+
+MODEL_FILE = "best.keras"
+
+
+@dataclass
+class ExportSummary:
+    """What ``export_run`` wrote and how the parity check went."""
+
+    run: str
+    format: str
+    quantize: str | None
+    out_dir: str
+    model: str
+    size_mb: float
+    parity: Parity
+    calibration: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: v for k, v in asdict(self).items() if k != "parity"}
+        parity = self.parity
+        values.update(
+            parity_inputs=parity.inputs,
+            parity_images=parity.images,
+            max_abs_diff=float(f"{parity.max_abs_diff:.3g}"),
+            mean_abs_diff=float(f"{parity.mean_abs_diff:.3g}"),
+            mask_agreement=round(parity.mask_agreement, 6),
+            dice_agreement=round(parity.dice_agreement, 6),
+            parity_passed=parity.passed,
+        )
+        return values
+
+
+def check_request(fmt: str, quantize: str | None) -> None:
+    """Refuse an unknown format or quantization, or quantization outside TFLite."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConfigError(
+            f"unknown --quantize '{quantize}'; choose one of: {', '.join(QUANTIZATIONS)}"
+        )
+    if quantize is not None and fmt != "tflite":
+        raise ConfigError(f"--quantize works with --format tflite only, not {fmt}")
+
+
+def default_out(run_dir: Path, fmt: str, quantize: str | None) -> Path:
+    """``RUN/exports/<format>`` or ``RUN/exports/tflite-<quantize>``."""
+    return run_dir / "exports" / (f"{fmt}-{quantize}" if quantize else fmt)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def export_versions(fmt: str) -> dict[str, str]:
+    """Versions of the packages that wrote (and will run) the export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pneumo_cli.core.provenance import package_versions
+
+    versions = {"pneumo": __version__, **package_versions()}
+    if fmt == "onnx":
+        for name in ("tf2onnx", "onnx", "onnxruntime"):
+            try:
+                versions[name] = version(name)
+            except PackageNotFoundError:
+                versions[name] = "absent"
+    return versions
+
+
+def _check_out(out: Path, overwrite: bool, run_dir: Path) -> None:
+    """Refuse an ``out`` that would replace anything but an earlier export (or empty folder)."""
+    resolved = out.resolve()
+    if resolved == run_dir.resolve() or resolved in run_dir.resolve().parents:
+        raise OutputError(f"--out {out} would replace the run {run_dir}; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose another --out")
+    if not overwrite:
+        raise OutputError(f"{out} exists already; add --overwrite to replace it or choose --out")
+    if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise OutputError(
+            f"{out} is not an export written by `pneumo export` (no {MANIFEST_FILE}); "
+            "--overwrite replaces only exports: choose another --out"
+        )
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Move the finished ``source`` folder to ``target``, replacing an old ``target``."""
+    old = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-old-{target.name}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(
+    run: str | os.PathLike[str] | None,
+    fmt: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    notify: Callable[[str], None] | None = None,
+) -> ExportSummary:
+    """Export a run's ``best.keras`` as ``fmt`` into ``out`` after a passing parity check.
+
+    Args:
+        run: run folder (default: the latest run under ./runs).
+        fmt: ``savedmodel``, ``tflite`` or ``onnx``.
+        out: export folder (default: ``RUN/exports/<format>[-<quantize>]``).
+        quantize: TFLite only: ``float16`` or ``int8`` (calibrated on cache training images).
+        overwrite: replace an existing ``out``.
+        notify: told each step as it starts.
+
+    Raises:
+        ConfigError: bad format or quantization, not a run, a missing converter package.
+        InputError: the run has no model.
+        OutputError: ``out`` exists (without ``overwrite``) or cannot be written.
+        PneumoError: the export failed its parity check (nothing is left behind).
+    """
+    from pneumo_cli.training.runs import load_run_config, resolve_run
+
+    check_request(fmt, quantize)
+    say = notify or (lambda message: None)
+    started = time.perf_counter()
+    run_dir = resolve_run(run)
+    config = load_run_config(run_dir)
+    missing = [key for key in ("preprocess", "input_scaling", "image_size") if key not in config]
+    if missing:
+        raise ConfigError(f"{run_dir}/config.json lacks {', '.join(missing)}; retrain the run")
+    settings = from_dict(PreprocessConfig, config["preprocess"], f"{run_dir}/config.json")
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise InputError(
+            f"{run_dir} has no {MODEL_FILE}: was it written by `pneumo train` "
+            "(a run stopped before its first epoch has no model)?"
+        )
+    out = Path(out) if out is not None else default_out(run_dir, fmt, quantize)
+    _check_out(out, overwrite, run_dir)
+    gate_path = run_dir / POSTPROCESS_FILE
+    gate = load_gate(gate_path) if gate_path.is_file() else Gate()
+
+    from pneumo_cli.export import backends as export_backends
+    from pneumo_cli.model.saving import load_model
+
+    size, scaling = settings.image_size, config["input_scaling"]
+    say(f"loading {model_path}")
+    model = load_model(model_path)
+    images, inputs = parity_images(config, size)
+    keras_forward = export_backends.serving_function(model, scaling, size)
+    reference = run_in_batches(lambda batch: keras_forward(batch)[OUTPUT_NAME].numpy(), images)
+    calibration, calibration_note = (None, None)
+    if quantize == "int8":
+        calibration, calibration_note = calibration_images(config, size)
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out.parent}: {describe_os_error(exc)}") from None
+    scratch = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir()
+        label = fmt + (f" ({quantize})" if quantize else "")
+        say(f"converting to {label}")
+        written = export_backends.write_export(
+            model, fmt, scaling, size, scratch, quantize, calibration
+        )
+        say(f"checking parity on {inputs}")
+        exported = run_in_batches(load_runner(fmt, written), images)
+        tolerance = TOLERANCES[quantize or "float32"]
+        area_scale = area_scale_for(PARITY_ORIGINAL_HW, (size, size))
+        parity = compare_probabilities(reference, exported, gate, tolerance, inputs, area_scale)
+        if not parity.passed:
+            raise PneumoError(
+                f"{label} export of {run_dir} failed its parity check against Keras on {inputs}: "
+                f"{'; '.join(parity.failures)}; nothing was written"
+            )
+        manifest = {
+            "pneumo_version": __version__,
+            "format": fmt,
+            "quantize": quantize,
+            "model_file": written.name,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "input": {
+                "name": INPUT_NAME,
+                "shape": [None, size, size, 1],
+                "dtype": "float32",
+                "range": "grey pixel values 0..255 of the prepared (cropped, CLAHE, resized) image",
+                "scaling_in_graph": scaling,
+            },
+            "output": {
+                "name": OUTPUT_NAME,
+                "shape": [None, size, size, 1],
+                "dtype": "float32",
+                "range": "pneumothorax probability 0..1 per pixel",
+            },
+            "image_size": size,
+            "input_scaling": scaling,
+            "encoder": config.get("encoder"),
+            "preprocess": to_dict(settings),
+            "postprocess": to_dict(gate),
+            "source_run": {
+                "path": str(run_dir.resolve()),
+                "model": MODEL_FILE,
+                "model_sha256": _sha256(model_path),
+            },
+            "calibration": calibration_note,
+            "versions": export_versions(fmt),
+            "parity": parity.to_dict(),
+        }
+        atomic_write_json(scratch / MANIFEST_FILE, manifest)
+        _check_out(out, overwrite, run_dir)  # another process may have created it meanwhile
+        _replace_folder(scratch, out)
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise OutputError(f"cannot write {out}: {describe_os_error(exc)}") from None
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    model_out = out / written.name
+    return ExportSummary(
+        run=str(run_dir),
+        format=fmt,
+        quantize=quantize,
+        out_dir=str(out),
+        model=str(model_out),
+        size_mb=round(_size_bytes(model_out) / 1e6, 2),
+        parity=parity,
+        calibration=calibration_note,
+        seconds=round(time.perf_counter() - started, 1),
+    )

@@ -1,0 +1,202 @@
+"""TODO: split-out module docstring."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.core.errors import ConfigError, PneumoError
+from pneumo_cli.inference.postprocess import (
+    Gate,
+    apply_gate,
+)
+
+PARITY_IMAGES = 16
+CALIBRATION_IMAGES = 64
+# Gate areas are in original pixels; parity masks are made at the model's size as if the image
+# came from a 1024 x 1024 SIIM X-ray.
+PARITY_ORIGINAL_HW = (1024, 1024)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export must meet: probability differences (None: not checked) and agreement."""
+
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    min_mask_agreement: float
+
+
+TOLERANCES = {
+    "float32": Tolerance(max_abs_diff=1e-3, mean_abs_diff=None, min_mask_agreement=0.999),
+    "float16": Tolerance(max_abs_diff=5e-2, mean_abs_diff=1e-3, min_mask_agreement=0.999),
+    "int8": Tolerance(max_abs_diff=None, mean_abs_diff=2e-2, min_mask_agreement=0.99),
+}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely an export reproduces the Keras float32 model on ``images`` inputs."""
+
+    inputs: str
+    images: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    mask_agreement: float
+    dice_agreement: float
+    tolerance: Tolerance
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["failures"] = list(self.failures)
+        values["passed"] = self.passed
+        return values
+
+
+def dice_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-image Dice of two (N, H, W) {0,1} mask stacks; two empty masks score 1."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    scores = []
+    for first, second in zip(a, b, strict=True):
+        total = int(first.sum()) + int(second.sum())
+        overlap = int(np.logical_and(first, second).sum())
+        scores.append(1.0 if total == 0 else 2.0 * overlap / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def compare_probabilities(
+    reference: np.ndarray,
+    exported: np.ndarray,
+    gate: Gate,
+    tolerance: Tolerance,
+    inputs: str = "",
+    area_scale: float = 1.0,
+) -> Parity:
+    """Compare two (N, H, W) float32 probability stacks and check them against ``tolerance``.
+
+    Masks come from :func:`postprocess.apply_gate` with ``gate`` and ``area_scale``.
+    """
+    reference = np.asarray(reference, np.float32)
+    exported = np.asarray(exported, np.float32)
+    if reference.shape != exported.shape:
+        raise ConfigError(
+            f"exported model returns shape {exported.shape}, the Keras model {reference.shape}"
+        )
+    diff = np.abs(reference.astype(np.float64) - exported)
+    # NaN must fail the checks, so it becomes an infinite difference.
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    masks_ref = np.stack([apply_gate(p, gate, area_scale) for p in reference])
+    masks_exp = np.stack([apply_gate(np.nan_to_num(p), gate, area_scale) for p in exported])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    agreement = float(np.mean(masks_ref == masks_exp)) if diff.size else 1.0
+    failures = []
+    if tolerance.max_abs_diff is not None and not max_abs <= tolerance.max_abs_diff:
+        failures.append(f"max abs difference {max_abs:.3g} > {tolerance.max_abs_diff:g}")
+    if tolerance.mean_abs_diff is not None and not mean_abs <= tolerance.mean_abs_diff:
+        failures.append(f"mean abs difference {mean_abs:.3g} > {tolerance.mean_abs_diff:g}")
+    if agreement < tolerance.min_mask_agreement:
+        failures.append(
+            f"mask agreement {agreement:.4%} < {tolerance.min_mask_agreement:.2%} of pixels"
+        )
+    return Parity(
+        inputs=inputs,
+        images=len(reference),
+        max_abs_diff=max_abs,
+        mean_abs_diff=mean_abs,
+        mask_agreement=agreement,
+        dice_agreement=dice_agreement(masks_ref, masks_exp),
+        tolerance=tolerance,
+        failures=tuple(failures),
+    )
+
+
+def cache_images(
+    config: dict[str, Any], image_size: int, splits: tuple[str, ...], count: int
+) -> tuple[np.ndarray, str]:
+    """Up to ``count`` uint8 (N, S, S) images of the run's cache, taken from ``splits`` in order
+    (sorted by ImageId within a split), and a description; an empty array when the cache is gone
+    or holds images of another size."""
+    from pneumo_cli.core.files import read_grey_png
+
+    cache = config.get("cache")
+    empty = np.zeros((0, image_size, image_size), np.uint8)
+    if not cache or not (Path(cache) / "manifest.csv").is_file():
+        return empty, ""
+    from pneumo_cli.data.cache import load_manifest
+
+    try:
+        manifest = load_manifest(cache)
+    except PneumoError:
+        return empty, ""
+    images: list[np.ndarray] = []
+    taken: list[str] = []
+    for split in splits:
+        rows = manifest[manifest["split"] == split].sort_values("ImageId")
+        before = len(images)
+        for relative in rows["image"]:
+            if len(images) == count:
+                break
+            with contextlib.suppress(PneumoError):
+                image = read_grey_png(Path(cache) / relative)
+                if image.shape == (image_size, image_size):
+                    images.append(image)
+        if len(images) > before:
+            taken.append(f"{len(images) - before} {split}")
+    if not images:
+        return empty, ""
+    return np.stack(images), f"{len(images)} images ({', '.join(taken)}) of cache {cache}"
+
+
+def synthetic_images(image_size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` uint8 (N, S, S) synthetic chest phantoms, every second one with pneumothorax."""
+    from pneumo_cli.data.synthetic import draw_phantom
+
+    rng = np.random.default_rng(seed)
+    size = max(image_size, 32)
+    images = [draw_phantom(rng, size, pneumothorax=i % 2 == 1).image for i in range(count)]
+    if size != image_size:
+        import cv2
+
+        images = [
+            cv2.resize(i, (image_size, image_size), interpolation=cv2.INTER_AREA) for i in images
+        ]
+    return np.stack(images)
+
+
+def parity_images(config: dict[str, Any], image_size: int) -> tuple[np.ndarray, str]:
+    """The fixed parity inputs: cached validation images if any, else synthetic phantoms."""
+    images, description = cache_images(config, image_size, ("val", "test", "train"), PARITY_IMAGES)
+    if len(images):
+        return images, description
+    return synthetic_images(image_size, PARITY_IMAGES), f"{PARITY_IMAGES} synthetic phantoms"
+
+
+def calibration_images(config: dict[str, Any], image_size: int) -> tuple[np.ndarray, str]:
+    """int8 calibration inputs: the cache's training images, else synthetic phantoms."""
+    images, description = cache_images(
+        config, image_size, ("train", "val", "test"), CALIBRATION_IMAGES
+    )
+    if len(images):
+        return images, description
+    count = CALIBRATION_IMAGES
+    return synthetic_images(image_size, count, seed=1), f"{count} synthetic phantoms"
+
+
+def run_in_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """(N, S, S) float32 probabilities of uint8 (N, S, S) images through ``run``, 8 at a time."""
+    batches = []
+    for start in range(0, len(images), 8):
+        batch = images[start : start + 8].astype(np.float32)[..., np.newaxis]
+        batches.append(np.asarray(run(batch))[..., 0])
+    return np.concatenate(batches).astype(np.float32)

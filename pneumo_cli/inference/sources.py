@@ -1,0 +1,107 @@
+"""TODO: split-out module docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.core.config import PreprocessConfig
+from pneumo_cli.core.errors import InputError
+from pneumo_cli.core.files import (
+    check_image_id,
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to predict: id, prepared uint8 (S, S) image, crop box and original (H, W)."""
+
+    image_id: str
+    image: np.ndarray
+    crop: tuple[int, int, int, int]
+    original_shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An input that could not be predicted: what it was and why."""
+
+    source: str
+    reason: str
+
+
+def _batches(items: Iterator[Item | Rejected], size: int) -> Iterator[list[Item | Rejected]]:
+    batch: list[Item | Rejected] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def file_sources(paths: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """ImageId for each input file; a repeated ImageId is rejected naming the first file."""
+    from pneumo_cli.io.xrays import image_id_of
+
+    seen: dict[str, Path] = {}
+    sources, rejected = [], []
+    for path in paths:
+        image_id = image_id_of(path)
+        try:
+            check_image_id(image_id, str(path))
+        except InputError as exc:
+            rejected.append((str(path), str(exc)))
+            continue
+        if image_id in seen:
+            rejected.append((str(path), f"same ImageId {image_id} as {seen[image_id]}"))
+            continue
+        seen[image_id] = path
+        sources.append((image_id, path))
+    return sources, rejected
+
+
+def file_loader(settings: PreprocessConfig) -> Any:
+    """``load(path) -> Item``: read an X-ray and prepare it as the run's cache was prepared."""
+    from pneumo_cli.data.imaging import prepare_image
+    from pneumo_cli.io.dicom_read import read_xray
+    from pneumo_cli.io.xrays import image_id_of
+
+    def load(path: Path) -> Item:
+        xray = read_xray(path)
+        prepared = prepare_image(xray.image, settings)
+        return Item(image_id_of(path), prepared.image, prepared.crop, prepared.original_shape)
+
+    return load
+
+
+def cache_sources(cache: Path, split: str) -> tuple[list[tuple[str, Any]], Any]:
+    """``(image_id, manifest row)`` pairs of one split of a cache, and a loader for them."""
+    from pneumo_cli.core.files import read_grey_png
+    from pneumo_cli.data.cache import load_manifest
+
+    manifest = load_manifest(cache)
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        present = ", ".join(sorted(set(manifest["split"]))) or "none"
+        raise InputError(
+            f"{cache}/manifest.csv has no images in split '{split}' (splits: {present})"
+        )
+
+    def load(row: Any) -> Item:
+        image = read_grey_png(cache / row["image"])
+        crop = (
+            int(row["crop_top"]),
+            int(row["crop_bottom"]),
+            int(row["crop_left"]),
+            int(row["crop_right"]),
+        )
+        shape = (int(row["orig_height"]), int(row["orig_width"]))
+        return Item(row["ImageId"], image, crop, shape)
+
+    return [(row["ImageId"], row) for _, row in rows.iterrows()], load

@@ -1,0 +1,126 @@
+"""TODO: split-out module docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.engine.tf import import_sm, import_tf
+
+DEFAULT_ENCODER = "resnet34"
+
+# How grey pixel values v in [0, 255] become network inputs, per encoder family. The names are
+# stored in runs; the maths must match segmentation_models' get_preprocessing(encoder), which
+# tests/test_model.py checks for every encoder.
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+SCALINGS = ("raw-0-255", "imagenet-mean-std", "caffe-mean", "symmetric-1")
+
+
+# Backbones whose segmentation_models U-Net contains Lambda layers (Python code): the
+# grouped convolutions of ResNeXt/SENet slice channels in a Lambda, the squeeze-excitation
+# blocks of SE-ResNet(X)/SENet expand dimensions in one, and Inception-ResNet-v2 scales its
+# residuals in one (found by building every backbone at 64 px). load_model never runs code
+# from a model file, so a run of theirs could never be loaded again: training refuses them up
+# front, and build_model also checks every network it builds.
+CODE_ENCODERS = (
+    "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152", "seresnext50",
+    "seresnext101", "senet154", "resnext50", "resnext101", "inceptionresnetv2",
+)  # fmt: skip
+
+
+def available_encoders() -> list[str]:
+    """Encoder (backbone) names pneumo can train: those segmentation_models can build, minus
+    :data:`CODE_ENCODERS`, whose models could never be loaded again."""
+    return [name for name in _known_encoders() if name not in CODE_ENCODERS]
+
+
+def _known_encoders() -> list[str]:
+    return list(import_sm().get_available_backbone_names())
+
+
+def check_encoder(encoder: str) -> str:
+    """Return ``encoder`` if pneumo can train it, else raise ConfigError listing those it can.
+
+    Raises:
+        ConfigError: the encoder is unknown, or is one of :data:`CODE_ENCODERS` (the message
+            says why: its models hold code, which pneumo never loads).
+    """
+    names = available_encoders()
+    if encoder in CODE_ENCODERS:
+        raise ConfigError(
+            f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers (Python "
+            "code), and pneumo refuses to load model files holding code, so its runs could "
+            f"never be used by predict, evaluate or export; choose one of: {', '.join(names)}"
+        )
+    if encoder not in names:
+        raise ConfigError(f"unknown encoder '{encoder}'; choose one of: {', '.join(names)}")
+    return encoder
+
+
+def input_scaling_for(encoder: str) -> str:
+    """Name of the input scaling segmentation_models' ``get_preprocessing(encoder)`` applies.
+
+    Found by running that function on a probe of grey values and matching the result against
+    :data:`SCALINGS`, so a future change in segmentation_models cannot silently diverge.
+
+    Raises:
+        ConfigError: the encoder is unknown or its preprocessing matches none of the scalings.
+    """
+    sm = import_sm()
+    if encoder not in _known_encoders():  # any backbone: scaling is not about training
+        check_encoder(encoder)
+    probe = np.repeat(np.array([0.0, 17.0, 128.0, 255.0]).reshape(1, 2, 2, 1), 3, axis=3)
+    expected = np.asarray(sm.get_preprocessing(encoder)(probe.copy()), dtype=np.float64)
+    for name in SCALINGS:
+        if np.allclose(_scale_numpy(probe, name), expected, atol=1e-4):
+            return name
+    raise ConfigError(f"encoder '{encoder}' uses an input scaling pneumo does not know")
+
+
+def _scale_numpy(batch: np.ndarray, scaling: str) -> np.ndarray:
+    if scaling == "raw-0-255":
+        return batch
+    if scaling == "imagenet-mean-std":
+        return (batch / 255.0 - np.array(_IMAGENET_MEAN_RGB)) / np.array(_IMAGENET_STD_RGB)
+    if scaling == "caffe-mean":
+        return batch - np.array(_CAFFE_MEAN_BGR)
+    if scaling == "symmetric-1":
+        return batch / 127.5 - 1.0
+    raise ConfigError(f"unknown input scaling '{scaling}'; known: {', '.join(SCALINGS)}")
+
+
+def scale_input(batch: Any, scaling: str) -> Any:
+    """Turn grey pixels into network input, as a TensorFlow op.
+
+    Args:
+        batch: grey pixel values in [0, 255], any numeric dtype, shaped (..., H, W) or
+            (..., H, W, 1): an (H, W) image, an (H, W, 1) image or a (B, H, W, 1) batch. A
+            trailing axis of size 1 is taken as the channel axis.
+        scaling: one of :data:`SCALINGS` (as recorded in the run's config.json).
+
+    Returns:
+        float32 tensor ending in a channel axis of 3 (the grey value on every channel), scaled.
+
+    Raises:
+        ConfigError: unknown scaling name.
+    """
+    tf = import_tf()
+    if scaling not in SCALINGS:
+        raise ConfigError(f"unknown input scaling '{scaling}'; known: {', '.join(SCALINGS)}")
+    x = tf.cast(batch, tf.float32)
+    if x.shape[-1] != 1:
+        x = x[..., tf.newaxis]
+    x = tf.repeat(x, 3, axis=-1)
+    if scaling == "imagenet-mean-std":
+        mean = tf.constant(_IMAGENET_MEAN_RGB, tf.float32)
+        std = tf.constant(_IMAGENET_STD_RGB, tf.float32)
+        return (x / 255.0 - mean) / std
+    if scaling == "caffe-mean":
+        return x - tf.constant(_CAFFE_MEAN_BGR, tf.float32)
+    if scaling == "symmetric-1":
+        return x / 127.5 - 1.0
+    return x

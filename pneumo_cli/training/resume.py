@@ -1,0 +1,149 @@
+"""TODO: split-out module docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.model import build
+from pneumo_cli.training import runs
+from pneumo_cli.training.distribute import (
+    Placement,
+    make_multi_worker_strategy,
+    make_strategy,
+)
+from pneumo_cli.training.fit import _fit
+from pneumo_cli.training.settings import (
+    SilentReporter,
+    TrainConfig,
+    TrainReporter,
+    TrainResult,
+    _check_settings,
+    config_from_run,
+)
+from pneumo_cli.training.setup import _compile, _load_data, _output_dir
+from pneumo_cli.training.state import (
+    FINISHED,
+    STATE_FILE,
+    _first_state,
+    _read_state,
+    _remove_leftovers,
+    _remove_stale_results,
+)
+
+
+def resume_training(
+    run: str | Path | None,
+    runs_dir: str | Path = runs.DEFAULT_RUNS_DIR,
+    reporter: TrainReporter | None = None,
+    gpus: int | None = None,
+    cpu_replicas: int = 1,
+    multi_worker: bool = False,
+) -> TrainResult:
+    """Continue an unfinished run from its last epoch: weights, optimizer state, epoch count.
+
+    A run stopped before its first epoch ended (no ``state.json`` yet) starts again from epoch
+    0 with its recorded settings, as ``pneumo train`` started it. Temporary files and partial
+    checkpoints a killed run left are removed first.
+
+    Args:
+        run: the run folder (None = the latest run under ``runs_dir``).
+        gpus: override the run's device choice (the global batch then changes with it).
+        multi_worker: continue on the ``TF_CONFIG`` cluster (the run folder must be on a
+            filesystem every worker sees); without it the run continues on this machine.
+
+    Raises:
+        ConfigError: not a run, a config.json or state.json that is incomplete or has values
+            of the wrong type, a finished run, or a cache whose manifest changed since the run
+            started.
+    """
+    reporter = reporter or SilentReporter()
+    placement = make_multi_worker_strategy(gpus) if multi_worker else None
+    run_dir = runs.resolve_run(run, runs_dir)
+    saved = runs.load_run_config(run_dir)
+    config = _config_to_resume(saved, run_dir / runs.CONFIG_FILE)
+    # No state.json: the run was stopped before its first epoch ended. Its config.json holds
+    # every setting, so it starts again from epoch 0 exactly as `pneumo train` started it.
+    state = _read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
+    if state is not None and state["status"] in FINISHED:
+        raise ConfigError(
+            f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
+            f"{state['epoch']} epoch(s)); start a new run instead of --resume"
+        )
+    if gpus is not None:
+        config = dataclasses.replace(config, gpus=gpus)
+    cache, _, _ = _load_data(config)
+    if cache.manifest_sha256 != saved.get("cache_manifest_sha256"):
+        raise ConfigError(
+            f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
+            "train on other data: start a new run"
+        )
+    if placement is None:
+        placement = Placement(*make_strategy(config.gpus, cpu_replicas))
+    if config.precision == "fp16" and not placement.gpus:
+        raise ConfigError(
+            f"{run_dir} trained in fp16, which needs a GPU, and this machine trains on the CPU"
+        )
+    if placement.is_chief:
+        _remove_leftovers(run_dir, state["checkpoint"] if state else None)
+    tf = tf_engine.import_tf()
+    if state is None:
+        tf.keras.utils.set_random_seed(config.seed)  # initial decoder weights, as train did
+    with placement.strategy.scope():
+        weights = config.encoder_weights if state is None else "none"  # else: checkpoint's
+        net = build.build_model(
+            config.encoder,
+            cache.image_size,
+            weights,
+            config.precision,
+            notify=reporter.note,
+            input_norm=config.input_norm,
+        )
+        optimizer = _compile(net, config, placement.replicas)
+        if state is not None:
+            checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
+            checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
+    if state is None:
+        state, history = _first_state(), []
+        if placement.is_chief:
+            _remove_stale_results(run_dir)
+        reporter.note(
+            f"{run_dir} stopped before its first epoch ended; starting it again from epoch 1 "
+            f"on {placement.description}"
+        )
+    else:
+        history = [row for row in runs.read_history(run_dir) if row["epoch"] <= state["epoch"]]
+        reporter.note(
+            f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}"
+        )
+    scaling = saved["input_scaling"]
+    with _output_dir(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
+        if placement.is_chief:
+            runs.mark_latest(run_dir)
+        return _fit(out_dir, config, scaling, placement, net, optimizer, state, history, reporter)
+
+
+def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:
+    """The settings of a run to resume, checked as `pneumo train` checked them.
+
+    Raises:
+        ConfigError: naming ``path``: a setting --resume needs is missing (a default would
+            silently replace it), or has the wrong type or an impossible value.
+    """
+    needed = [f.name for f in dataclasses.fields(TrainConfig)]
+    needed += ["input_scaling", "cache_manifest_sha256"]
+    missing = [key for key in needed if key not in saved]
+    if missing:
+        raise ConfigError(
+            f"{path} lacks {', '.join(missing)}: it was not written by `pneumo train` of this "
+            "version; start a new run"
+        )
+    config = config_from_run(saved, str(path))
+    try:
+        _check_settings(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
