@@ -189,7 +189,7 @@ def _run_parity(folder: Path, args: argparse.Namespace) -> list[tuple[str, float
             patience=args.parity_patience, pos_fraction="0.5", precision=precision, gpus=0,
             input_norm=input_norm,
         )  # fmt: skip
-        result = train.train(config, folder / "runs", name=name)
+        result = train.train_model(config, folder / "runs", name=name)
         history = runs.read_history(result.run_dir)
         last_three = sum(row["val_dice"] for row in history[-3:]) / min(3, len(history))
         rows.append((name, result.best_val_dice, last_three, Path(result.run_dir)))

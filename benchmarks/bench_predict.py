@@ -43,7 +43,7 @@ def build_run(root: Path, encoder: str, size: int) -> Path:
     from pneumo_cli.data.demo import write_demo_dataset
     from pneumo_cli.data.preprocess import run_preprocess
     from pneumo_cli.training.settings import TrainConfig
-    from pneumo_cli.training.train import train
+    from pneumo_cli.training.train import train_model as train
 
     raw = root / "raw"
     write_demo_dataset(raw, n=40, seed=0, size=max(size, 256))

@@ -14,6 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pneumo_cli.core.config import PreprocessConfig, to_dict
+
 COLUMNS = [
     "ImageId", "image", "mask", "has_pneumothorax", "mask_area_px", "split", "fold",
     "orig_height", "orig_width", "crop_top", "crop_bottom", "crop_left", "crop_right",
@@ -76,8 +78,9 @@ def write_cache(folder: Path, samples: list[Sample], image_size: int) -> Path:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
-    settings = {"settings": {"image_size": image_size, "clahe": True}, "versions": {},
-                "counts": {"images": len(samples)}, "pneumo_version": "test"}  # fmt: skip
+    settings = {"settings": to_dict(PreprocessConfig(image_size=image_size)), "versions": {},
+                "counts": {"images": len(samples)}, "pneumo_version": "test",
+                "complete": True}  # fmt: skip
     (folder / "preprocess.json").write_text(json.dumps(settings))
     return folder
 

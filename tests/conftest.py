@@ -58,7 +58,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from pneumo_cli.data.demo import write_demo_dataset
     from pneumo_cli.data.preprocess import run_preprocess
     from pneumo_cli.training.settings import TrainConfig
-    from pneumo_cli.training.train import train
+    from pneumo_cli.training.train import train_model as train
 
     root = tmp_path_factory.mktemp("tiny_run")
     raw = root / "raw"

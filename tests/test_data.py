@@ -51,7 +51,7 @@ def test_cache_errors_name_the_problem(cache: Path, tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text("ImageId,image\n")
     with pytest.raises(InputError, match="has no preprocess.json"):
         data_cache.read_cache(tmp_path)
-    (tmp_path / "preprocess.json").write_text('{"settings": {"image_size": 64}}')
+    (tmp_path / "preprocess.json").write_text('{"settings": {"image_size": 64}, "complete": true}')
     with pytest.raises(InputError, match="header must start with ImageId, image, mask"):
         data_cache.read_cache(tmp_path)
     info = data_cache.read_cache(cache)
@@ -69,7 +69,7 @@ def test_bad_label_value_names_the_line(cache: Path, tmp_path: Path) -> None:
     rows[3][3] = "yes"
     with open(tmp_path / "manifest.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
-    (tmp_path / "preprocess.json").write_text('{"settings": {"image_size": 64}}')
+    (tmp_path / "preprocess.json").write_text('{"settings": {"image_size": 64}, "complete": true}')
     with pytest.raises(InputError, match="manifest.csv line 4: has_pneumothorax 'yes'"):
         data_cache.read_cache(tmp_path)
 

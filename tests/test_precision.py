@@ -107,7 +107,7 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
             cache=str(cache), epochs=2, steps_per_epoch=15, patience=0, precision=precision,
             **FAST,
         )  # fmt: skip
-        result = train.train(config, tmp_path, name=precision)
+        result = train.train_model(config, tmp_path, name=precision)
         saved = runs.load_run_config(result.run_dir)
         assert saved["precision"] == precision
         assert saved["precision_reason"] == "asked for with --precision"
@@ -135,7 +135,7 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
 def test_auto_precision_is_resolved_and_recorded(cache: Path, tmp_path: Path) -> None:
     config = settings.TrainConfig(cache=str(cache), epochs=1, steps_per_epoch=1, **FAST)
     assert config.precision == "auto"
-    result = train.train(config, tmp_path)
+    result = train.train_model(config, tmp_path)
     saved = runs.load_run_config(result.run_dir)
     expected, reason = precisions.choose_precision("auto", on_gpu=False)
     assert (saved["precision"], saved["precision_reason"]) == (expected, reason)

@@ -64,7 +64,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_path: Path) -> None:
     config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
     reporter = Recorder()
-    result = train.train(config, tmp_path / "runs", reporter=reporter)
+    result = train.train_model(config, tmp_path / "runs", reporter=reporter)
 
     history = runs.read_history(result.run_dir)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
@@ -111,9 +111,9 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
 def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> None:
     config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
                                   **{**FAST, "augment": True})  # fmt: skip
-    straight = train.train(config, tmp_path, name="straight")
+    straight = train.train_model(config, tmp_path, name="straight")
     with pytest.raises(KeyboardInterrupt):
-        train.train(config, tmp_path, name="broken", reporter=Recorder(interrupt_after=2))
+        train.train_model(config, tmp_path, name="broken", reporter=Recorder(interrupt_after=2))
     broken = tmp_path / "broken"
     assert json.loads((broken / "state.json").read_text())["status"] == "interrupted"
     assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
@@ -170,18 +170,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) 
 def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> None:
     config = settings.TrainConfig(cache=str(cache), **FAST)
     with pytest.raises(ConfigError, match="holds 64 px images but --image-size is 128"):
-        train.train(settings.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
+        train.train_model(settings.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
     with pytest.raises(InputError, match="no labelled images in split 'holdout'"):
-        train.train(settings.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path)
+        train.train_model(
+            settings.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path
+        )
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputError, match="exists already; choose another --name"):
-        train.train(config, tmp_path, name="taken")
+        train.train_model(config, tmp_path, name="taken")
     with pytest.raises(ConfigError, match="unknown loss 'dice'; choose one of: bce, bce-dice"):
-        train.train(settings.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
+        train.train_model(settings.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
     with pytest.raises(
         ConfigError, match=r"--gpus 3 asks for more GPUs than are visible \(0: none\)"
     ):
-        train.train(settings.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
+        train.train_model(settings.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
     rng = np.random.default_rng(0)
     blank = np.zeros((64, 64), np.uint8)
     splits = ["val", "train", "train"]
@@ -189,7 +191,7 @@ def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> No
              for i in range(3)]  # fmt: skip
     negatives = write_cache(tmp_path / "negatives", empty, 64)
     with pytest.raises(InputError, match="split 'train' has no image with a pneumothorax"):
-        train.train(settings.TrainConfig(cache=str(negatives), **FAST), tmp_path)
+        train.train_model(settings.TrainConfig(cache=str(negatives), **FAST), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["negatives", "taken"]  # no run made
 
 
@@ -296,7 +298,7 @@ def test_overfits_the_real_positive_siim_images(siim: Path, tmp_path: Path) -> N
     config = settings.TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
                                   **{**FAST, "batch_size": 2})  # fmt: skip
     reporter = Recorder()
-    train.train(config, tmp_path / "runs", reporter=reporter)
+    train.train_model(config, tmp_path / "runs", reporter=reporter)
     history = runs.read_history(tmp_path / "runs" / "train")
     assert reporter.first_step_loss / history[-1]["loss"] >= 5.0
     assert history[-1]["dice"] > 0.9

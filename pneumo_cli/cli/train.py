@@ -239,17 +239,19 @@ def train(
     options = dict(locals())
     given = {key: value for key, value in options.items() if key in _TUNABLE and value is not None}
     _check_usage(given, resume, name, exist_ok)
-    from pneumo_cli.training import resume, settings, train
+    from pneumo_cli.training.resume import resume_training
+    from pneumo_cli.training.settings import TrainConfig
+    from pneumo_cli.training.train import train_model
 
     reporter = RichReporter(quiet)
     try:
         if resume is not None:
-            result = resume.resume_training(
+            result = resume_training(
                 resume, runs_dir, reporter, gpus=gpus, multi_worker=multi_worker
             )
         else:
-            config = settings.TrainConfig(cache=str(cache), gpus=gpus, **given)
-            result = train.train(
+            config = TrainConfig(cache=str(cache), gpus=gpus, **given)
+            result = train_model(
                 config, runs_dir, name, exist_ok, reporter, multi_worker=multi_worker
             )
     finally:

@@ -1,9 +1,15 @@
-"""TODO: split-out module docstring."""
+"""The cache format, read in one place.
+
+A cache folder made by ``pneumo preprocess`` holds ``images/`` and ``masks/`` (PNG, model size),
+``manifest.csv`` (one row per image, columns :data:`MANIFEST_COLUMNS`), ``truth.csv`` (labelled
+masks at original resolution as SIIM RLE), ``preprocess.json`` (settings, counts, versions and a
+``complete`` flag) and optionally ``phi.csv``. Every stage opens a cache through this module.
+"""
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -22,13 +28,19 @@ _TEXT_COLUMNS = (
     "ImageId", "image", "mask", "split", "view_position", "sex", "patient_key", "source",
 )  # fmt: skip
 _NULLABLE_INT_COLUMNS = ("has_pneumothorax", "mask_area_px", "age")
+_INT_COLUMNS = ("orig_height", "orig_width", "crop_top", "crop_bottom", "crop_left", "crop_right")
 # Labelled images' masks at original resolution as SIIM RLE (`pneumo evaluate` scores against it).
 TRUTH_FILE = "truth.csv"
 # Patient-identifying header fields, written only when asked for (--keep-phi).
 PHI_FILE = "phi.csv"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``.
+
+    Raises:
+        InputError: unreadable, not JSON, or not an object (names the file).
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -36,73 +48,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object; delete it or use --overwrite")
     return data
-
-
-def load_manifest(cache_dir: str | os.PathLike[str]) -> Any:
-    """Read ``CACHE/manifest.csv`` as a pandas DataFrame (columns :data:`MANIFEST_COLUMNS`; text
-    columns as str with "" for empty; has_pneumothorax and age as nullable Int64).
-
-    Raises:
-        InputError: the cache or its manifest is missing, or the manifest has other columns.
-    """
-    cache = Path(cache_dir)
-    _require_finished(cache)
-    return _read_manifest(cache / "manifest.csv")
-
-
-def _require_finished(cache: Path) -> dict[str, Any]:
-    info_path = cache / "preprocess.json"
-    if not info_path.is_file() or not (cache / "manifest.csv").is_file():
-        raise InputError(
-            f"{cache} is not a finished pneumo cache (no preprocess.json or manifest.csv); "
-            f"build it with `pneumo preprocess RAW_DIR {cache}`"
-        )
-    info = _read_json(info_path)
-    if not info.get("complete"):
-        raise InputError(
-            f"{cache} is an unfinished cache; run the same `pneumo preprocess` command again "
-            "to finish it"
-        )
-    return info
-
-
-def _read_manifest(path: Path) -> Any:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype={name: str for name in _TEXT_COLUMNS})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc}); re-run pneumo preprocess") from None
-    if tuple(frame.columns) != MANIFEST_COLUMNS:
-        raise InputError(
-            f"{path}: unexpected columns {list(frame.columns)[:5]}...; was it written by "
-            "`pneumo preprocess`? Re-run it with --overwrite"
-        )
-    for name in _TEXT_COLUMNS:
-        frame[name] = frame[name].fillna("")
-    for name in _NULLABLE_INT_COLUMNS:
-        frame[name] = frame[name].astype("Int64")
-    return frame
-
-
-def load_cache_settings(cache_dir: str | os.PathLike[str]) -> PreprocessConfig:
-    """The :class:`PreprocessConfig` a finished cache was built with.
-
-    Raises:
-        InputError: the cache is missing or unfinished (no manifest, preprocess.json not
-            complete).
-        ConfigError: its settings are unknown to this version of pneumo.
-    """
-    cache = Path(cache_dir)
-    info = _require_finished(cache)
-    return from_dict(PreprocessConfig, info.get("settings", {}), str(cache / "preprocess.json"))
-
-
-MANIFEST_COLUMNS = (
-    "ImageId", "image", "mask", "has_pneumothorax", "mask_area_px", "split", "fold",
-    "orig_height", "orig_width", "crop_top", "crop_bottom", "crop_left", "crop_right",
-    "pixel_spacing_mm", "view_position", "sex", "age", "patient_key", "source",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,7 +64,7 @@ class CacheRecord:
 
 @dataclass(frozen=True)
 class CacheInfo:
-    """A cache folder: its labelled records, preprocess settings and manifest hash."""
+    """A finished cache: its labelled records, preprocess settings and manifest hash."""
 
     folder: Path
     records: tuple[CacheRecord, ...]
@@ -132,69 +77,140 @@ class CacheInfo:
 
 
 def read_cache(folder: str | os.PathLike[str]) -> CacheInfo:
-    """Read a cache's ``manifest.csv`` and ``preprocess.json``.
+    """Open a finished cache for training: its labelled records, settings and manifest hash.
 
+    This is the one reader of the cache format: it checks the folder is a finished cache, that
+    its settings are ones this pneumo knows, and every manifest value (see :func:`load_manifest`).
     Unlabelled rows (empty ``has_pneumothorax``) are left out: they cannot be trained on.
 
     Raises:
-        InputError: missing folder, manifest or preprocess.json; manifest with wrong columns
-            or bad values (names the line).
+        InputError: missing folder, manifest or preprocess.json, unfinished cache, manifest with
+            wrong columns or bad values (names the line).
+        ConfigError: settings unknown to this version of pneumo.
     """
-    folder = Path(folder).absolute()
-    hint = "create it with `pneumo preprocess RAW_DIR CACHE_DIR`"
-    if not folder.is_dir():
-        raise InputError(f"cache folder {folder} does not exist; {hint}")
-    manifest = folder / "manifest.csv"
-    if not manifest.is_file():
-        raise InputError(f"{folder} has no manifest.csv; is it a pneumo cache? ({hint})")
-    settings_file = folder / "preprocess.json"
-    try:
-        settings = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
-        int(settings["image_size"])
-    except FileNotFoundError:
-        raise InputError(f"{folder} has no preprocess.json; {hint}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{settings_file}: no readable settings.image_size ({exc})") from None
-    raw = manifest.read_bytes()
-    rows = list(csv.reader(raw.decode("utf-8-sig").splitlines()))
-    if not rows or tuple(c.strip() for c in rows[0][: len(MANIFEST_COLUMNS)]) != MANIFEST_COLUMNS:
+    import pandas as pd
+
+    cache = Path(folder).absolute()
+    info = _require_finished(cache)
+    settings = info.get("settings", {})
+    from_dict(PreprocessConfig, settings, str(cache / "preprocess.json"))
+    raw = _read_bytes(cache / "manifest.csv")
+    frame = _parse_manifest(cache / "manifest.csv", raw)
+    records = tuple(
+        CacheRecord(
+            image_id=row.ImageId,
+            image=str(cache / row.image),
+            mask=str(cache / row.mask) if row.mask else None,
+            positive=int(row.has_pneumothorax) == 1,
+            split=row.split.strip(),
+            fold=int(row.fold),
+        )
+        for row in frame.itertuples(index=False)
+        if not pd.isna(row.has_pneumothorax)
+    )
+    return CacheInfo(cache, records, settings, hashlib.sha256(raw).hexdigest())
+
+
+def load_manifest(cache_dir: str | os.PathLike[str]) -> Any:
+    """Read a finished cache's ``manifest.csv`` as a pandas DataFrame (columns
+    :data:`MANIFEST_COLUMNS`; text columns as str with "" for empty; has_pneumothorax,
+    mask_area_px and age as nullable Int64, fold as int).
+
+    Raises:
+        InputError: the cache or its manifest is missing or unfinished, the manifest has other
+            columns, or a value is malformed (names the line).
+    """
+    cache = Path(cache_dir)
+    _require_finished(cache)
+    path = cache / "manifest.csv"
+    return _parse_manifest(path, _read_bytes(path))
+
+
+def load_cache_settings(cache_dir: str | os.PathLike[str]) -> PreprocessConfig:
+    """The :class:`PreprocessConfig` a finished cache was built with.
+
+    Raises:
+        InputError: the cache is missing or unfinished (no manifest, preprocess.json not
+            complete).
+        ConfigError: its settings are unknown to this version of pneumo.
+    """
+    cache = Path(cache_dir)
+    info = _require_finished(cache)
+    return from_dict(PreprocessConfig, info.get("settings", {}), str(cache / "preprocess.json"))
+
+
+_HINT = "create it with `pneumo preprocess RAW_DIR CACHE_DIR`"
+
+
+def _require_finished(cache: Path) -> dict[str, Any]:
+    """``preprocess.json`` of a finished cache (its ``complete`` flag set)."""
+    if not cache.is_dir():
+        raise InputError(f"cache folder {cache} does not exist; {_HINT}")
+    if not (cache / "manifest.csv").is_file():
+        raise InputError(f"{cache} has no manifest.csv; is it a pneumo cache? ({_HINT})")
+    info_path = cache / "preprocess.json"
+    if not info_path.is_file():
+        raise InputError(f"{cache} has no preprocess.json; {_HINT}")
+    info = read_json_object(info_path)
+    if not info.get("complete"):
         raise InputError(
-            f"{manifest}: header must start with {', '.join(MANIFEST_COLUMNS)}; "
-            "recreate the cache with `pneumo preprocess`"
+            f"{cache} is an unfinished cache; run the same `pneumo preprocess` command again "
+            "to finish it"
         )
-    records = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        values = dict(zip(MANIFEST_COLUMNS, row, strict=False))
-        label = values.get("has_pneumothorax", "").strip()
-        if label == "":
-            continue
-        if label not in ("0", "1"):
-            raise InputError(
-                f"{manifest} line {line}: has_pneumothorax '{label}' is not 0, 1 or empty"
-            )
+    return info
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable ({exc.strerror}); re-run pneumo preprocess") from None
+
+
+def read_manifest_file(path: Path) -> Any:
+    """Parse a manifest file (finished or not) as :func:`load_manifest` does."""
+    return _parse_manifest(path, _read_bytes(path))
+
+
+def _parse_manifest(path: Path, raw: bytes) -> Any:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc}); re-run pneumo preprocess") from None
+    if tuple(frame.columns) != MANIFEST_COLUMNS:
+        raise InputError(
+            f"{path}: header must start with {', '.join(MANIFEST_COLUMNS[:3])}, ... (found "
+            f"{', '.join(list(frame.columns)[:3])}, ...); was it written by `pneumo preprocess`? "
+            "Re-run it with --overwrite"
+        )
+    for index, row in enumerate(frame.itertuples(index=False)):
+        _check_row(path, index + 2, row)
+    for name in _NULLABLE_INT_COLUMNS:
+        frame[name] = pd.array([int(v) if v.strip() else None for v in frame[name]], "Int64")
+    frame["fold"] = [int(v) if v.strip() else -1 for v in frame["fold"]]
+    for name in _INT_COLUMNS:
         try:
-            fold = int(values.get("fold") or -1)
-        except ValueError:
+            frame[name] = pd.to_numeric(frame[name]).astype("int64")
+        except (ValueError, TypeError):
             raise InputError(
-                f"{manifest} line {line}: fold '{values['fold']}' is not an integer"
+                f"{path}: column {name} holds a value that is not an integer"
             ) from None
-        mask = values.get("mask", "").strip()
-        if label == "1" and not mask:
-            raise InputError(f"{manifest} line {line}: positive image without a mask file")
-        records.append(
-            CacheRecord(
-                image_id=values["ImageId"],
-                image=str(folder / values["image"]),
-                mask=str(folder / mask) if mask else None,
-                positive=label == "1",
-                split=values.get("split", "").strip(),
-                fold=fold,
-            )
-        )
-    digest = hashlib.sha256(raw).hexdigest()
-    return CacheInfo(folder, tuple(records), settings, digest)
+    frame["pixel_spacing_mm"] = pd.to_numeric(frame["pixel_spacing_mm"], errors="coerce")
+    return frame
+
+
+def _check_row(path: Path, line: int, row: Any) -> None:
+    label = row.has_pneumothorax.strip()
+    if label not in ("", "0", "1"):
+        raise InputError(f"{path} line {line}: has_pneumothorax '{label}' is not 0, 1 or empty")
+    for name in ("fold", "mask_area_px", "age"):
+        value = getattr(row, name).strip()
+        if value and not value.lstrip("-").isdigit():
+            raise InputError(f"{path} line {line}: {name} '{value}' is not an integer")
+    if label == "1" and not row.mask.strip():
+        raise InputError(f"{path} line {line}: positive image without a mask file")
 
 
 def select_split(cache: CacheInfo, split: str, need_positive: bool = False) -> list[CacheRecord]:

@@ -19,8 +19,8 @@ from pneumo_cli.data.cache import (
     MANIFEST_COLUMNS,
     PHI_FILE,
     TRUTH_FILE,
-    _read_json,
-    _read_manifest,
+    read_json_object,
+    read_manifest_file,
 )
 from pneumo_cli.data.splits import Assignment, SplitItem, assign_splits
 
@@ -62,7 +62,7 @@ def _check_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]
     info_path = cache / "preprocess.json"
     ours_exist = any((cache / name).is_dir() for name in _OUR_FOLDERS)
     if info_path.is_file():
-        info = _read_json(info_path)
+        info = read_json_object(info_path)
         old = info.get("settings", {})
         differences = [
             f"{key} {old.get(key)!r} -> {value!r}"
@@ -82,7 +82,7 @@ def _check_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]
             "pneumo cache (use --overwrite to rebuild it, or choose another CACHE_DIR)"
         )
     if (cache / "manifest.csv").is_file():
-        return _read_manifest(cache / "manifest.csv")
+        return read_manifest_file(cache / "manifest.csv")
     return None
 
 

@@ -46,7 +46,7 @@ from pneumo_cli.training.setup import (
 from pneumo_cli.training.state import _first_state, _remove_leftovers, _remove_stale_results
 
 
-def train(
+def train_model(
     config: TrainConfig,
     runs_dir: str | Path = runs.DEFAULT_RUNS_DIR,
     name: str | None = None,
