@@ -166,10 +166,10 @@ def _run_parity(folder: Path, args: argparse.Namespace) -> list[tuple[str, float
     preprocessed by pneumo like real data; the training is the demo's recipe (random encoder
     start, half of each batch positive, the best epoch by validation Dice).
     """
-    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.core.config import PreprocessConfig, TrainConfig
     from pneumo_cli.data.demo import write_demo_dataset
     from pneumo_cli.data.preprocess import run_preprocess
-    from pneumo_cli.training import runs, settings, train
+    from pneumo_cli.training import runs, train
 
     raw, cache = folder / "raw", folder / "cache"
     write_demo_dataset(raw, n=args.parity_images, seed=0, size=max(256, args.parity_size))
@@ -183,7 +183,7 @@ def _run_parity(folder: Path, args: argparse.Namespace) -> list[tuple[str, float
         ("bf16", "bf16", "frozen"),
         ("bf16-trainable-input-norm", "bf16", "trainable"),
     )[: 3 if args.parity_input_norm else 2]:
-        config = settings.TrainConfig(
+        config = TrainConfig(
             cache=str(cache), encoder=args.parity_encoder, encoder_weights="none",
             batch_size=args.batch_size, lr=args.parity_lr, epochs=args.parity_epochs,
             patience=args.parity_patience, pos_fraction="0.5", precision=precision, gpus=0,

@@ -39,10 +39,9 @@ SIIM = REPO.parent / "shared" / "siim"
 def build_run(root: Path, encoder: str, size: int) -> Path:
     """A run folder holding a resnet-style U-Net trained for one step (speed does not depend on
     the weights); shared with bench_export.py."""
-    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.core.config import PreprocessConfig, TrainConfig
     from pneumo_cli.data.demo import write_demo_dataset
     from pneumo_cli.data.preprocess import run_preprocess
-    from pneumo_cli.training.settings import TrainConfig
     from pneumo_cli.training.train import train_model as train
 
     raw = root / "raw"

@@ -54,10 +54,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Returns the paths ``raw`` (demo dataset), ``cache`` and ``run``. The model is barely trained:
     tests built on it check plumbing and geometry, not accuracy.
     """
-    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.core.config import PreprocessConfig, TrainConfig
     from pneumo_cli.data.demo import write_demo_dataset
     from pneumo_cli.data.preprocess import run_preprocess
-    from pneumo_cli.training.settings import TrainConfig
     from pneumo_cli.training.train import train_model as train
 
     root = tmp_path_factory.mktemp("tiny_run")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.engine import precision as precisions
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.model import build, encoders, saving
@@ -59,7 +60,7 @@ def test_mixed_models_output_float32(precision: str, compute: str) -> None:
 
 def test_fp16_training_uses_loss_scaling_and_fp32_does_not() -> None:
     tf = tf_engine.import_tf()
-    config = settings.TrainConfig(precision="fp16", **FAST)
+    config = TrainConfig(precision="fp16", **FAST)
     net = build.build_model("resnet18", 64, encoder_weights=None, precision="fp16")
     optimizer = setup._compile(net, config, replicas=1)
     assert isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
@@ -70,7 +71,7 @@ def test_fp16_training_uses_loss_scaling_and_fp32_does_not() -> None:
     assert np.isfinite(loss)
     plain = build.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
     assert not isinstance(
-        setup._compile(plain, settings.TrainConfig(precision="fp32", **FAST), 1),
+        setup._compile(plain, TrainConfig(precision="fp32", **FAST), 1),
         tf.keras.mixed_precision.LossScaleOptimizer,
     )
 
@@ -103,7 +104,7 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
     fp32 and 0.66 in bf16); benchmarks/bench_precision.py --parity measures it at a plateau."""
     results = {}
     for precision in ("fp32", "bf16"):
-        config = settings.TrainConfig(
+        config = TrainConfig(
             cache=str(cache), epochs=2, steps_per_epoch=15, patience=0, precision=precision,
             **FAST,
         )  # fmt: skip
@@ -133,7 +134,7 @@ def test_fp32_and_bf16_train_alike_and_bf16_saves_a_float32_model(
 
 
 def test_auto_precision_is_resolved_and_recorded(cache: Path, tmp_path: Path) -> None:
-    config = settings.TrainConfig(cache=str(cache), epochs=1, steps_per_epoch=1, **FAST)
+    config = TrainConfig(cache=str(cache), epochs=1, steps_per_epoch=1, **FAST)
     assert config.precision == "auto"
     result = train.train_model(config, tmp_path)
     saved = runs.load_run_config(result.run_dir)

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
+from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.core.errors import ConfigError, InputError, OutputError
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.model import build, encoders, saving
@@ -62,7 +63,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_path: Path) -> None:
-    config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
+    config = TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
     reporter = Recorder()
     result = train.train_model(config, tmp_path / "runs", reporter=reporter)
 
@@ -84,7 +85,7 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
     assert saved["preprocess"]["image_size"] == 64 and saved["precision"] == "fp32"
     assert len(saved["cache_manifest_sha256"]) == 64
     assert saved["versions"]["tensorflow"].startswith("2.")
-    resolved = settings.TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
+    resolved = TrainConfig(cache=str(cache.absolute()), image_size=64, epochs=4,
                                     steps_per_epoch=15, **FAST)  # fmt: skip
     assert settings.config_from_run(saved) == resolved  # config.json round-trips
     assert saved["input_norm"] == "frozen"
@@ -109,7 +110,7 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
 
 
 def test_resume_continues_epochs_and_loss_curve(cache: Path, tmp_path: Path) -> None:
-    config = settings.TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
+    config = TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=2,
                                   **{**FAST, "augment": True})  # fmt: skip
     straight = train.train_model(config, tmp_path, name="straight")
     with pytest.raises(KeyboardInterrupt):
@@ -168,22 +169,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) 
 
 
 def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> None:
-    config = settings.TrainConfig(cache=str(cache), **FAST)
+    config = TrainConfig(cache=str(cache), **FAST)
     with pytest.raises(ConfigError, match="holds 64 px images but --image-size is 128"):
-        train.train_model(settings.TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
+        train.train_model(TrainConfig(cache=str(cache), image_size=128, **FAST), tmp_path)
     with pytest.raises(InputError, match="no labelled images in split 'holdout'"):
-        train.train_model(
-            settings.TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path
-        )
+        train.train_model(TrainConfig(cache=str(cache), val_split="holdout", **FAST), tmp_path)
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputError, match="exists already; choose another --name"):
         train.train_model(config, tmp_path, name="taken")
     with pytest.raises(ConfigError, match="unknown loss 'dice'; choose one of: bce, bce-dice"):
-        train.train_model(settings.TrainConfig(cache=str(cache), loss="dice"), tmp_path)
+        train.train_model(TrainConfig(cache=str(cache), loss="dice"), tmp_path)
     with pytest.raises(
         ConfigError, match=r"--gpus 3 asks for more GPUs than are visible \(0: none\)"
     ):
-        train.train_model(settings.TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
+        train.train_model(TrainConfig(cache=str(cache), gpus=3, **FAST), tmp_path)
     rng = np.random.default_rng(0)
     blank = np.zeros((64, 64), np.uint8)
     splits = ["val", "train", "train"]
@@ -191,7 +190,7 @@ def test_bad_input_is_refused_before_training(cache: Path, tmp_path: Path) -> No
              for i in range(3)]  # fmt: skip
     negatives = write_cache(tmp_path / "negatives", empty, 64)
     with pytest.raises(InputError, match="split 'train' has no image with a pneumothorax"):
-        train.train_model(settings.TrainConfig(cache=str(negatives), **FAST), tmp_path)
+        train.train_model(TrainConfig(cache=str(negatives), **FAST), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["negatives", "taken"]  # no run made
 
 
@@ -295,7 +294,7 @@ def _real_cache(siim: Path, folder: Path, size: int) -> Path:
 
 def test_overfits_the_real_positive_siim_images(siim: Path, tmp_path: Path) -> None:
     cache = _real_cache(siim, tmp_path / "cache", 128)
-    config = settings.TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
+    config = TrainConfig(cache=str(cache), epochs=3, steps_per_epoch=20,
                                   **{**FAST, "batch_size": 2})  # fmt: skip
     reporter = Recorder()
     train.train_model(config, tmp_path / "runs", reporter=reporter)

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pneumo_cli.cli.options import Json, Quiet, Tta
-
-
-class Split(StrEnum):
-    train = "train"
-    val = "val"
-    test = "test"
-
-
-class ScoreAt(StrEnum):
-    original = "original"
-    model = "model"
+from pneumo_cli.cli.options import Json, Quiet
+from pneumo_cli.core.choices import Resolution, Split, Tta
 
 
 def default_out_dir(predictions: Path) -> Path:
@@ -83,9 +72,9 @@ def evaluate(
         ),
     ] = False,
     at: Annotated[
-        ScoreAt,
+        Resolution,
         typer.Option("--at", help="Model mode: score at the original or the model resolution."),
-    ] = ScoreAt.original,
+    ] = Resolution.original,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -110,7 +99,7 @@ def evaluate(
             "--split": split is not None,
             "--tta": tta is not Tta.none,
             "--tune": tune,
-            "--at": at is not ScoreAt.original,
+            "--at": at is not Resolution.original,
         }
         used = [name for name, given in model_options.items() if given]
         if used:
@@ -162,7 +151,7 @@ def _evaluate_model(
     split: Split | None,
     tta: Tta,
     tune: bool,
-    at: ScoreAt,
+    at: Resolution,
     out: Path | None,
     json_output: bool,
     quiet: bool,

@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
-from pneumo_cli.cli.options import Json, Overwrite, Quiet
+from pneumo_cli.cli.options import Json, Overwrite, Quiet, plain
 from pneumo_cli.cli.render import print_summary
+from pneumo_cli.core.choices import ExportFormat, Quantization
 
 
 def export(
     fmt: Annotated[
-        str,
-        typer.Option("--format", "-f", help="savedmodel, tflite or onnx.", show_default=False),
+        ExportFormat,
+        typer.Option("--format", "-f", help="Deployable model format.", show_default=False),
     ],
     run: Annotated[
         Path | None,
@@ -27,7 +28,7 @@ def export(
         ),
     ] = None,
     quantize: Annotated[
-        str | None,
+        Quantization | None,
         typer.Option(
             "--quantize",
             help="TFLite only: float16 (half-size weights) or int8 (calibrated on the run "
@@ -55,9 +56,9 @@ def export(
 
     summary = export_run(
         run,
-        fmt,
+        fmt.value,
         out,
-        quantize=quantize,
+        quantize=plain(quantize),
         overwrite=overwrite,
         notify=None if quiet else print_note,
     )

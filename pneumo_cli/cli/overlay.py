@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pneumo_cli.cli.options import Json, Overwrite, Quiet
-
-
-class PictureFormat(StrEnum):
-    png = "png"
-    jpg = "jpg"
+from pneumo_cli.core.choices import PictureFormat
 
 
 def overlay(

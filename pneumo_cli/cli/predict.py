@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from pneumo_cli.cli.options import Json, Overwrite, Quiet, Tta, Workers
+from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers
 from pneumo_cli.cli.render import print_summary
+from pneumo_cli.core.choices import Tta
 
 RunOption = Annotated[
     Path | None,

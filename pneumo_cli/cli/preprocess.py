@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers
+from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers, checked_by
+from pneumo_cli.core.config import PreprocessConfig, check_image_size
+
+_DEFAULTS = PreprocessConfig()
 
 
 def preprocess(
@@ -34,8 +37,13 @@ def preprocess(
         ),
     ] = None,
     image_size: Annotated[
-        int, typer.Option("--image-size", min=16, max=4096, help="Side of the cached images.")
-    ] = 256,
+        int,
+        typer.Option(
+            "--image-size",
+            callback=checked_by(check_image_size),
+            help="Side of the cached images: a multiple of 32 (the network's rule).",
+        ),
+    ] = _DEFAULTS.image_size,
     no_crop: Annotated[
         bool, typer.Option("--no-crop", help="Keep the uniform dark border.")
     ] = False,
@@ -47,32 +55,34 @@ def preprocess(
             max=254,
             help="Grey level at or below which an edge row/column counts as border.",
         ),
-    ] = 10,
+    ] = _DEFAULTS.crop_threshold,
     clahe_clip: Annotated[
         float, typer.Option("--clahe-clip", min=0.01, help="CLAHE clip limit.")
-    ] = 2.0,
+    ] = _DEFAULTS.clahe_clip,
     clahe_grid: Annotated[
         int, typer.Option("--clahe-grid", min=1, max=64, help="CLAHE tiles per side.")
-    ] = 8,
+    ] = _DEFAULTS.clahe_grid,
     no_clahe: Annotated[bool, typer.Option("--no-clahe", help="No contrast correction.")] = False,
     min_size: Annotated[
         int,
         typer.Option("--min-size", min=1, help="Reject images with a side shorter than this."),
-    ] = 128,
+    ] = _DEFAULTS.min_image_px,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", min=0.0, max=0.99, help="Share of images in val.")
-    ] = 0.1,
+    ] = _DEFAULTS.val_fraction,
     test_fraction: Annotated[
         float,
         typer.Option("--test-fraction", min=0.0, max=0.99, help="Share of images in test."),
-    ] = 0.1,
+    ] = _DEFAULTS.test_fraction,
     folds: Annotated[
         int,
         typer.Option(
             "--folds", min=0, max=100, help="Also assign K cross-validation folds (0: none)."
         ),
-    ] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split assignment.")] = 42,
+    ] = _DEFAULTS.folds,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split assignment.")
+    ] = _DEFAULTS.seed,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 if any file is rejected.")
     ] = False,

@@ -11,7 +11,11 @@ from typing import Annotated, Any
 import typer
 
 from pneumo_cli.cli.console import bars_enabled, print_note, stderr_console, stdout_console
-from pneumo_cli.cli.options import Json, Quiet
+from pneumo_cli.cli.options import Json, Quiet, checked_by, plain
+from pneumo_cli.core.choices import Encoder, InputNorm, Loss, Precision
+from pneumo_cli.core.config import TrainConfig, check_image_size, parse_pos_fraction
+
+_DEFAULTS = TrainConfig()
 
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
@@ -101,32 +105,42 @@ def train(
         bool, typer.Option("--exist-ok", help="Allow writing into an existing --name run.")
     ] = False,
     encoder: Annotated[
-        str | None, typer.Option("--encoder", help="Encoder backbone [default: resnet34].")
+        Encoder | None,
+        typer.Option("--encoder", help=f"Encoder backbone [default: {_DEFAULTS.encoder}]."),
     ] = None,
     encoder_weights: Annotated[
         str | None,
         typer.Option(
             "--encoder-weights",
             help="imagenet (Keras cache; downloaded if absent), none, or PATH of an .h5 file "
-            "with the encoder's layers [default: imagenet].",
+            f"with the encoder's layers [default: {_DEFAULTS.encoder_weights}].",
         ),
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option("--image-size", min=32, help="Must match the cache [default: cache's]."),
+        typer.Option(
+            "--image-size",
+            callback=checked_by(check_image_size),
+            help="Must match the cache [default: cache's].",
+        ),
     ] = None,
     loss: Annotated[
-        str | None, typer.Option("--loss", help="bce, bce-dice or focal-dice [default: bce].")
+        Loss | None, typer.Option("--loss", help=f"Training loss [default: {_DEFAULTS.loss}].")
     ] = None,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Adam learning rate, > 0 [default: 1e-4].")
+        float | None,
+        typer.Option("--lr", help=f"Adam learning rate, > 0 [default: {_DEFAULTS.lr:g}]."),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", min=1, help="Epochs [default: 50].")
+        int | None, typer.Option("--epochs", min=1, help=f"Epochs [default: {_DEFAULTS.epochs}].")
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", min=1, help="Images per step per device [default: 16]."),
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help=f"Images per step per device [default: {_DEFAULTS.batch_size}].",
+        ),
     ] = None,
     steps_per_epoch: Annotated[
         int | None,
@@ -139,7 +153,8 @@ def train(
         typer.Option(
             "--patience",
             min=0,
-            help="Stop after this many epochs without a better val Dice; 0 = never [default: 10].",
+            help="Stop after this many epochs without a better val Dice; 0 = never "
+            f"[default: {_DEFAULTS.patience}].",
         ),
     ] = None,
     reduce_lr_patience: Annotated[
@@ -147,13 +162,15 @@ def train(
         typer.Option(
             "--reduce-lr-patience",
             min=0,
-            help="Halve the learning rate after this many flat epochs; 0 = off [default: 0].",
+            help="Halve the learning rate after this many flat epochs; 0 = off "
+            f"[default: {_DEFAULTS.reduce_lr_patience}].",
         ),
     ] = None,
     pos_fraction: Annotated[
         str | None,
         typer.Option(
             "--pos-fraction",
+            callback=checked_by(parse_pos_fraction),
             help="Share of positive images per epoch: 0.8, or 0.8:0.4 falling linearly "
             "[default: natural].",
         ),
@@ -168,25 +185,27 @@ def train(
     seed: Annotated[
         int | None,
         typer.Option(
-            "--seed", min=0, help="Seed for order, augmentation and initial weights [default: 0]."
+            "--seed",
+            min=0,
+            help=f"Seed for order, augmentation and initial weights [default: {_DEFAULTS.seed}].",
         ),
     ] = None,
     precision: Annotated[
-        str | None,
+        Precision | None,
         typer.Option(
             "--precision",
             help="fp32, bf16 (mixed bfloat16), fp16 (mixed float16 with loss scaling; GPU only) "
             "or auto: fp16 on NVIDIA GPUs, bf16 on CPUs with bfloat16 instructions, else fp32 "
-            "[default: auto].",
+            f"[default: {_DEFAULTS.precision}].",
         ),
     ] = None,
     input_norm: Annotated[
-        str | None,
+        InputNorm | None,
         typer.Option(
             "--input-norm",
             help="The ResNet encoders' input BatchNormalization: frozen (a fixed shift and "
-            "scale, ImageNet's with pretrained weights; ~10% faster steps) or trainable "
-            "[default: frozen].",
+            "scale, ImageNet's with pretrained weights; faster steps, see "
+            f"benchmarks/bench_train.py) or trainable [default: {_DEFAULTS.input_norm}].",
         ),
     ] = None,
     scale_lr: Annotated[
@@ -237,10 +256,11 @@ def train(
     (an impossible value, or settings given with --resume), 130 Ctrl-C.
     """
     options = dict(locals())
-    given = {key: value for key, value in options.items() if key in _TUNABLE and value is not None}
+    given = {
+        key: plain(value) for key, value in options.items() if key in _TUNABLE and value is not None
+    }
     _check_usage(given, resume, name, exist_ok)
     from pneumo_cli.training.resume import resume_training
-    from pneumo_cli.training.settings import TrainConfig
     from pneumo_cli.training.train import train_model
 
     reporter = RichReporter(quiet)

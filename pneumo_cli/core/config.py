@@ -10,8 +10,18 @@ import contextlib
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pneumo_cli.core.choices import (
+    Encoder,
+    InputNorm,
+    Loss,
+    Precision,
+    Split,
+    check_choice,
+    check_encoder,
+)
 from pneumo_cli.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -127,10 +137,50 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The U-Net halves its input five times and doubles it back, so its side must divide by 32.
+IMAGE_SIZE_STEP_PX = 32
+IMAGE_SIZE_RANGE_PX = (32, 4096)
+
+
+def check_image_size(size: int, what: str = "image size") -> int:
+    """``size`` if it is a side the network can take: a multiple of 32 in 32..4096 pixels.
+
+    Raises:
+        ConfigError: naming ``what`` and the rule.
+    """
+    low, high = IMAGE_SIZE_RANGE_PX
+    if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high or size % 32:
+        raise ConfigError(
+            f"{what} {size} px must be a multiple of {IMAGE_SIZE_STEP_PX} from {low} to {high} "
+            "(the U-Net halves it five times)"
+        )
+    return size
+
+
+def parse_pos_fraction(text: str | None) -> tuple[float, float] | None:
+    """``"0.8"`` -> (0.8, 0.8); ``"0.8:0.4"`` -> linear from 0.8 (first epoch) to 0.4 (last).
+
+    Raises:
+        ConfigError: not one or two numbers in [0, 1].
+    """
+    if text is None or str(text).strip() == "":
+        return None
+    parts = str(text).split(":")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(0.0 <= v <= 1.0 for v in numbers):
+        raise ConfigError(
+            f"--pos-fraction '{text}' must be a fraction in [0, 1] or START:END, e.g. 0.8:0.4"
+        )
+    return (numbers[0], numbers[-1])
+
+
 NORMALISATION_NOTE = "none here: scaling to the network's input range is done in the data pipeline"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class PreprocessConfig:
     """Settings of ``pneumo preprocess``; stored in ``CACHE/preprocess.json`` and compared on
     every re-run (a cache is only resumed with the settings it was started with).
@@ -154,7 +204,6 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (16 <= self.image_size <= 4096, f"image_size {self.image_size} not in 16..4096"),
             (0 <= self.crop_threshold < 255, f"crop_threshold {self.crop_threshold} not in 0..254"),
             (0 < self.crop_min_keep <= 1, f"crop_min_keep {self.crop_min_keep} not in (0, 1]"),
             (self.clahe_clip > 0, f"clahe_clip {self.clahe_clip} must be > 0"),
@@ -169,6 +218,7 @@ class PreprocessConfig:
             (self.folds == 0 or 2 <= self.folds <= 100, f"folds {self.folds}: use 0 or 2..100"),
             (self.normalisation == NORMALISATION_NOTE, "normalisation is not a preprocess option"),
         ]
+        check_image_size(self.image_size, "--image-size")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"preprocess settings: {message}")
@@ -176,3 +226,51 @@ class PreprocessConfig:
     @property
     def train_fraction(self) -> float:
         return 1.0 - self.val_fraction - self.test_fraction
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting with its default (the paper's where it has one), checked on
+    creation: a run's config.json is checked by the same rules as `pneumo train`'s options."""
+
+    cache: str = "cache"
+    encoder: str = Encoder.resnet34.value
+    encoder_weights: str = "imagenet"  # imagenet, none or the path of an .h5 file
+    image_size: int | None = None  # None: the cache's image size
+    loss: str = Loss.bce.value
+    lr: float = 1e-4
+    epochs: int = 50
+    batch_size: int = 16  # per replica
+    steps_per_epoch: int | None = None  # None: one pass over the training images
+    patience: int = 10  # epochs without a better val Dice before stopping; 0 = never
+    reduce_lr_patience: int = 0  # epochs without improvement before halving lr; 0 = off
+    reduce_lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    seed: int = 0
+    augment: bool = True
+    pos_fraction: str | None = None  # "0.8" or "0.8:0.4"; None: natural frequency
+    precision: str = Precision.auto.value  # config.json records the resolved one
+    input_norm: str = InputNorm.frozen.value  # the encoder's input BatchNormalization
+    scale_lr: bool = False  # lr x replicas in sync (the linear scaling rule)
+    gpus: int | None = None  # None: first GPU if one is visible, else CPU
+    train_split: str = Split.train.value
+    val_split: str = "val"  # any split name the cache holds
+
+    def __post_init__(self) -> None:
+        check_encoder(self.encoder)
+        check_choice(Loss, self.loss, "--loss")
+        check_choice(Precision, self.precision, "--precision")
+        check_choice(InputNorm, self.input_norm, "--input-norm")
+        parse_pos_fraction(self.pos_fraction)
+        if self.image_size is not None:
+            check_image_size(self.image_size, "--image-size")
+        at_least = {"epochs": 1, "batch_size": 1, "patience": 0, "reduce_lr_patience": 0}
+        at_least |= {"seed": 0, "steps_per_epoch": 1, "gpus": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr} must be positive")
+        if not 0 < self.reduce_lr_factor < 1 or not self.min_lr >= 0:
+            raise ConfigError("reduce_lr_factor must be in (0, 1) and min_lr at least 0")

@@ -23,7 +23,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SPLITS = ("train", "val", "test")
+from pneumo_cli.core.choices import Split, values
+
+SPLITS = values(Split)
 
 
 @dataclass(frozen=True)

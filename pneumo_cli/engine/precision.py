@@ -7,11 +7,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from pneumo_cli.core.choices import Precision, check_choice, values
 from pneumo_cli.core.errors import ConfigError
-from pneumo_cli.engine import precision as precisions
 from pneumo_cli.engine.tf import import_tf
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(name for name in values(Precision) if name != Precision.auto)
 # Keras mixed-precision policy per precision: variables stay float32, compute in the named type.
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -101,9 +101,7 @@ def choose_precision(
     Raises:
         ConfigError: unknown precision; fp16 without a GPU to train on.
     """
-    choices = (*precisions.PRECISIONS, "auto")
-    if requested not in choices:
-        raise ConfigError(f"--precision {requested}: choose one of {', '.join(choices)}")
+    check_choice(Precision, requested, "--precision")
     device = ", ".join(gpu_names or []) or "GPU"
     if requested == "fp16" and not on_gpu:
         raise ConfigError(

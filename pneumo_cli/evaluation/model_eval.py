@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumo_cli.core.choices import Resolution, Split, check_choice
 from pneumo_cli.core.config import to_dict
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.core.files import ensure_output_dir, remove_stale_temporaries
@@ -32,8 +33,6 @@ from pneumo_cli.inference.postprocess import (
     save_gate,
 )
 
-SPLITS = ("train", "val", "test")
-RESOLUTIONS = ("original", "model")
 PANEL_SIZE_PX = 512
 TOP_GATES_SHOWN = 5
 
@@ -149,10 +148,8 @@ def evaluate_run(
     from pneumo_cli.training.runs import resolve_run
 
     split = split or "val"
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
-    if at not in RESOLUTIONS:
-        raise ConfigError(f"unknown --at '{at}'; choose original or model")
+    check_choice(Split, split, "--split")
+    check_choice(Resolution, at, "--at")
     if tune and split != "val":
         raise ConfigError(
             f"--tune on the {split} split is refused: tune the gate on val, then score test once"

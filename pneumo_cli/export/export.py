@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo_cli import __version__
+from pneumo_cli.core.choices import ExportFormat, Quantization, check_choice
 from pneumo_cli.core.config import PreprocessConfig, from_dict, to_dict
 from pneumo_cli.core.errors import ConfigError, InputError, OutputError, PneumoError
 from pneumo_cli.core.files import TEMP_PREFIX, atomic_write_json, describe_os_error
@@ -40,11 +41,9 @@ from pneumo_cli.export.parity import (
     run_in_batches,
 )
 from pneumo_cli.inference.exported import (
-    FORMATS,
     INPUT_NAME,
     MANIFEST_FILE,
     OUTPUT_NAME,
-    QUANTIZATIONS,
     load_runner,
 )
 from pneumo_cli.inference.postprocess import (
@@ -88,12 +87,9 @@ class ExportSummary:
 
 def check_request(fmt: str, quantize: str | None) -> None:
     """Refuse an unknown format or quantization, or quantization outside TFLite."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ConfigError(
-            f"unknown --quantize '{quantize}'; choose one of: {', '.join(QUANTIZATIONS)}"
-        )
+    check_choice(ExportFormat, fmt, "--format")
+    if quantize is not None:
+        check_choice(Quantization, quantize, "--quantize")
     if quantize is not None and fmt != "tflite":
         raise ConfigError(f"--quantize works with --format tflite only, not {fmt}")
 

@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 
 from pneumo_cli import __version__
+from pneumo_cli.core.choices import ExportFormat, Quantization, Tta, check_choice, values
 from pneumo_cli.core.config import PreprocessConfig, from_dict
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.inference.postprocess import Gate
 
 MANIFEST_FILE = "pneumo-model.json"
-FORMATS = ("savedmodel", "tflite", "onnx")
-QUANTIZATIONS = ("float16", "int8")
+FORMATS = values(ExportFormat)
+QUANTIZATIONS = values(Quantization)
 MODEL_NAMES = {"savedmodel": "saved_model", "tflite": "model.tflite", "onnx": "model.onnx"}
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-TTA_MODES = ("none", "hflip")
 
 # A runner maps float32 (B, S, S, 1) grey 0..255 to float32 (B, S, S, 1) probabilities.
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -250,7 +250,6 @@ def load_exported_predictor(
         ConfigError: unknown TTA, another pneumo version, missing runtime package.
         InputError: no pneumo-model.json, or a model file the runtime cannot load.
     """
-    if tta not in TTA_MODES:
-        raise ConfigError(f"unknown --tta '{tta}'; choose one of: {', '.join(TTA_MODES)}")
+    check_choice(Tta, tta, "--tta")
     info = read_export(path)
     return ExportedPredictor(info, tta, load_runner(info.format, info.model_path, threads))

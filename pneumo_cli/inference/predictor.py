@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from pneumo_cli.core.choices import Tta, check_choice
 from pneumo_cli.core.config import PreprocessConfig, from_dict
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.inference.postprocess import POSTPROCESS_FILE, Gate, load_gate
 
 MODEL_FILE = "best.keras"
-TTA_MODES = ("none", "hflip")
 # Preprocessing settings that change the pixels the network sees; a cache used for prediction
 # must agree with the run's training cache on all of them.
 PIXEL_SETTINGS = (
@@ -68,8 +68,7 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
     from pneumo_cli.model.saving import load_model
     from pneumo_cli.training.runs import load_run_config
 
-    if tta not in TTA_MODES:
-        raise ConfigError(f"unknown --tta '{tta}'; choose one of: {', '.join(TTA_MODES)}")
+    check_choice(Tta, tta, "--tta")
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     missing = [key for key in ("preprocess", "input_scaling", "image_size") if key not in config]

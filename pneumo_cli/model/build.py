@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from pneumo_cli.core.choices import InputNorm, check_choice, values
+from pneumo_cli.core.config import check_image_size
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.engine.precision import precision_policy
 from pneumo_cli.engine.tf import import_sm, import_tf
 from pneumo_cli.model.encoders import DEFAULT_ENCODER, available_encoders, check_encoder
 from pneumo_cli.model.weights import fetch_imagenet_weights, load_encoder_weights
 
-INPUT_NORMS = ("frozen", "trainable")
+INPUT_NORMS = values(InputNorm)
 INPUT_NORM_LAYER = "bn_data"  # the input BatchNormalization of segmentation_models' ResNets
 
 
@@ -58,46 +60,18 @@ def build_model(
         ConfigError: unknown encoder or one whose U-Net holds code (:data:`CODE_ENCODERS`),
             bad size, weights that do not fit or cannot be obtained.
     """
-    sm = import_sm()
-    tf = import_tf()
     check_encoder(encoder)
-    if image_size < 32 or image_size % 32:
-        raise ConfigError(f"image size {image_size} px must be a positive multiple of 32")
+    check_image_size(image_size)
     weights_path: Path | None = None
     if encoder_weights == "imagenet":
         weights_path = fetch_imagenet_weights(encoder, notify)
     elif encoder_weights not in (None, "none"):
         weights_path = Path(encoder_weights)
     with precision_policy(precision):
-        try:
-            unet = sm.Unet(
-                encoder,
-                input_shape=(image_size, image_size, 3),
-                classes=1,
-                activation="sigmoid",
-                encoder_weights=None,
-            )
-        except ValueError as exc:  # e.g. inceptionv3: "Input size must be at least 75x75"
-            reason = " ".join(str(exc).split())[:160]
-            raise ConfigError(
-                f"encoder '{encoder}' cannot be built at {image_size} px ({reason}); "
-                "preprocess at a larger --image-size or choose another encoder"
-            ) from None
-        code = [layer.name for layer in unet.layers if type(layer).__name__ in _CODE_LAYERS]
-        if code:
-            raise ConfigError(
-                f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers "
-                f"('{code[0]}'), and pneumo refuses to load model files holding code; choose "
-                f"one of: {', '.join(available_encoders())}"
-            )
+        unet = _segmentation_models_unet(encoder, image_size)
+        _refuse_code_layers(unet, encoder)
         if precision != "fp32":
-            # Under a mixed policy segmentation_models' sigmoid outputs bfloat16/float16;
-            # recompute it in float32 from the last convolution so the loss sees float32.
-            logits = unet.get_layer("final_conv").output
-            probabilities = tf.keras.layers.Activation(
-                "sigmoid", dtype="float32", name="pneumo_sigmoid_float32"
-            )(logits)
-            unet = tf.keras.Model(unet.input, probabilities, name=unet.name)
+            unet = _with_float32_sigmoid(unet)
     if weights_path is not None:
         load_encoder_weights(unet, encoder, weights_path)
     set_input_norm(unet, input_norm, random_start=weights_path is None)
@@ -108,10 +82,44 @@ def build_model(
     return unet
 
 
-def check_input_norm(mode: str) -> None:
-    """Raise ConfigError unless ``mode`` is one of :data:`INPUT_NORMS`."""
-    if mode not in INPUT_NORMS:
-        raise ConfigError(f"--input-norm {mode}: choose one of {', '.join(INPUT_NORMS)}")
+def _segmentation_models_unet(encoder: str, image_size: int) -> Any:
+    """segmentation_models' U-Net with a random encoder (weights are loaded by pneumo)."""
+    try:
+        return import_sm().Unet(
+            encoder,
+            input_shape=(image_size, image_size, 3),
+            classes=1,
+            activation="sigmoid",
+            encoder_weights=None,
+        )
+    except ValueError as exc:  # e.g. inceptionv3: "Input size must be at least 75x75"
+        reason = " ".join(str(exc).split())[:160]
+        raise ConfigError(
+            f"encoder '{encoder}' cannot be built at {image_size} px ({reason}); "
+            "preprocess at a larger --image-size or choose another encoder"
+        ) from None
+
+
+def _refuse_code_layers(unet: Any, encoder: str) -> None:
+    """Refuse a network holding Lambda layers: pneumo never loads a model file with code."""
+    code = [layer.name for layer in unet.layers if type(layer).__name__ in _CODE_LAYERS]
+    if code:
+        raise ConfigError(
+            f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers "
+            f"('{code[0]}'), and pneumo refuses to load model files holding code; choose "
+            f"one of: {', '.join(available_encoders())}"
+        )
+
+
+def _with_float32_sigmoid(unet: Any) -> Any:
+    """Under a mixed policy segmentation_models' sigmoid outputs bfloat16/float16; recompute
+    it in float32 from the last convolution so the loss sees float32."""
+    tf = import_tf()
+    logits = unet.get_layer("final_conv").output
+    probabilities = tf.keras.layers.Activation(
+        "sigmoid", dtype="float32", name="pneumo_sigmoid_float32"
+    )(logits)
+    return tf.keras.Model(unet.input, probabilities, name=unet.name)
 
 
 def set_input_norm(net: Any, mode: str, random_start: bool) -> bool:
@@ -132,7 +140,7 @@ def set_input_norm(net: Any, mode: str, random_start: bool) -> bool:
     Raises:
         ConfigError: an unknown ``mode``.
     """
-    check_input_norm(mode)
+    check_choice(InputNorm, mode, "--input-norm")
     try:
         layer = net.get_layer(INPUT_NORM_LAYER)
     except ValueError:

@@ -6,10 +6,12 @@ from typing import Any
 
 import numpy as np
 
+from pneumo_cli.core.choices import Encoder, check_encoder, values
+from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.engine.tf import import_sm, import_tf
 
-DEFAULT_ENCODER = "resnet34"
+DEFAULT_ENCODER = TrainConfig.encoder
 
 # How grey pixel values v in [0, 255] become network inputs, per encoder family. The names are
 # stored in runs; the maths must match segmentation_models' get_preprocessing(encoder), which
@@ -20,45 +22,14 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 SCALINGS = ("raw-0-255", "imagenet-mean-std", "caffe-mean", "symmetric-1")
 
 
-# Backbones whose segmentation_models U-Net contains Lambda layers (Python code): the
-# grouped convolutions of ResNeXt/SENet slice channels in a Lambda, the squeeze-excitation
-# blocks of SE-ResNet(X)/SENet expand dimensions in one, and Inception-ResNet-v2 scales its
-# residuals in one (found by building every backbone at 64 px). load_model never runs code
-# from a model file, so a run of theirs could never be loaded again: training refuses them up
-# front, and build_model also checks every network it builds.
-CODE_ENCODERS = (
-    "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152", "seresnext50",
-    "seresnext101", "senet154", "resnext50", "resnext101", "inceptionresnetv2",
-)  # fmt: skip
-
-
 def available_encoders() -> list[str]:
-    """Encoder (backbone) names pneumo can train: those segmentation_models can build, minus
-    :data:`CODE_ENCODERS`, whose models could never be loaded again."""
-    return [name for name in _known_encoders() if name not in CODE_ENCODERS]
+    """Encoder (backbone) names pneumo can train (:class:`~pneumo_cli.core.choices.Encoder`)."""
+    return list(values(Encoder))
 
 
 def _known_encoders() -> list[str]:
+    """Every backbone segmentation_models can build, those holding code included."""
     return list(import_sm().get_available_backbone_names())
-
-
-def check_encoder(encoder: str) -> str:
-    """Return ``encoder`` if pneumo can train it, else raise ConfigError listing those it can.
-
-    Raises:
-        ConfigError: the encoder is unknown, or is one of :data:`CODE_ENCODERS` (the message
-            says why: its models hold code, which pneumo never loads).
-    """
-    names = available_encoders()
-    if encoder in CODE_ENCODERS:
-        raise ConfigError(
-            f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers (Python "
-            "code), and pneumo refuses to load model files holding code, so its runs could "
-            f"never be used by predict, evaluate or export; choose one of: {', '.join(names)}"
-        )
-    if encoder not in names:
-        raise ConfigError(f"unknown encoder '{encoder}'; choose one of: {', '.join(names)}")
-    return encoder
 
 
 def input_scaling_for(encoder: str) -> str:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.choices import Loss, check_choice, values
 from pneumo_cli.engine.tf import import_tf
 
-LOSSES = ("bce", "bce-dice", "focal-dice")
+LOSSES = values(Loss)
 DICE_THRESHOLD = 0.5
 _EPS = 1e-7
 
@@ -79,9 +79,7 @@ def get_loss(name: str) -> Any:
     Raises:
         ConfigError: unknown name.
     """
-    if name not in _LOSS_FUNCTIONS:
-        raise ConfigError(f"unknown loss '{name}'; choose one of: {', '.join(LOSSES)}")
-    return _LOSS_FUNCTIONS[name]
+    return _LOSS_FUNCTIONS[check_choice(Loss, name, "--loss")]
 
 
 def per_image_dice(y_true: Any, y_pred: Any, threshold: float = DICE_THRESHOLD) -> Any:

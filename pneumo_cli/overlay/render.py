@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pneumo_cli.core.choices import PictureFormat, values
 from pneumo_cli.core.errors import InputError, OutputError
 
 # Okabe-Ito colours, in OpenCV's BGR order.
@@ -16,7 +17,7 @@ BACKGROUND_BGR = (24, 24, 24)
 # Share of the mask colour in a filled pixel, in percent; integer maths keeps it exact.
 FILL_ALPHA_PCT = 35
 
-FORMATS = ("png", "jpg")
+FORMATS = values(PictureFormat)
 JPEG_QUALITY = 95
 
 

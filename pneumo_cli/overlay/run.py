@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_cli.core.choices import PictureFormat, check_choice
 from pneumo_cli.core.errors import ConfigError, InputError, OutputError
 from pneumo_cli.core.files import (
     atomic_write_bytes,
@@ -35,7 +36,7 @@ from pneumo_cli.core.files import (
 from pneumo_cli.core.metrics import dice_score
 from pneumo_cli.core.progress import ProgressFn
 from pneumo_cli.io import dicom_read, rle, xrays
-from pneumo_cli.overlay.render import FORMATS, encode_picture, format_title, render_panels
+from pneumo_cli.overlay.render import encode_picture, format_title, render_panels
 
 # Mask files looked up in this order; JPEG masks are lossy, so only pixels > 127 count there.
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -153,8 +154,7 @@ def _check_settings(
     fmt: str,
     max_size: int | None,
 ) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError(f"format '{fmt}' is not supported; use one of {', '.join(FORMATS)}")
+    check_choice(PictureFormat, fmt, "--format")
     if max_size is not None and max_size < 16:
         raise ConfigError(f"max size {max_size} px is too small; use at least 16 or leave it out")
     if truth_dir is not None and rle_csv is not None:

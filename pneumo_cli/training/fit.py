@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.core.files import atomic_write_json
 from pneumo_cli.data import pipeline as data_pipeline
@@ -20,7 +21,7 @@ from pneumo_cli.training.distribute import (
     HEARTBEAT_TIMEOUT_S,
     Placement,
 )
-from pneumo_cli.training.settings import TrainConfig, TrainReporter, TrainResult
+from pneumo_cli.training.settings import TrainReporter, TrainResult
 from pneumo_cli.training.setup import _load_data
 from pneumo_cli.training.state import STATE_DIR, STATE_FILE, _remove_old_checkpoints
 

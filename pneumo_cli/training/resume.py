@@ -21,7 +21,6 @@ from pneumo_cli.training.settings import (
     TrainConfig,
     TrainReporter,
     TrainResult,
-    _check_settings,
     config_from_run,
 )
 from pneumo_cli.training.setup import _compile, _load_data, _output_dir
@@ -141,9 +140,10 @@ def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:
             f"{path} lacks {', '.join(missing)}: it was not written by `pneumo train` of this "
             "version; start a new run"
         )
-    config = config_from_run(saved, str(path))
     try:
-        _check_settings(config)
+        return config_from_run(saved, str(path))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return config
+        message = str(exc)
+        raise ConfigError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.data import cache as data_cache
 from pneumo_cli.engine import tf as tf_engine
@@ -18,7 +19,7 @@ from pneumo_cli.training import runs
 from pneumo_cli.training.distribute import (
     Placement,
 )
-from pneumo_cli.training.settings import TrainConfig, TrainReporter
+from pneumo_cli.training.settings import TrainReporter
 
 
 def _load_data(config: TrainConfig) -> tuple[data_cache.CacheInfo, list, list]:

@@ -34,7 +34,6 @@ from pneumo_cli.training.settings import (
     TrainConfig,
     TrainReporter,
     TrainResult,
-    _check_settings,
 )
 from pneumo_cli.training.setup import (
     _compile,
@@ -75,7 +74,6 @@ def train_model(
     reporter = reporter or SilentReporter()
     # TensorFlow must create the multi-worker strategy before it runs anything else.
     placement = make_multi_worker_strategy(config.gpus) if multi_worker else None
-    _check_settings(config)
     cache, train_records, val_records = _load_data(config)
     config = dataclasses.replace(config, cache=str(cache.folder), image_size=cache.image_size)
     if placement is None or placement.is_chief:
