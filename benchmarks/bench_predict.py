@@ -6,7 +6,7 @@ Builds a resnet34 U-Net run at 256 px (random encoder weights, one training step
 synthetic images: speed does not depend on the weights), then measures:
 
 - the bare network: ``Predictor.probabilities`` (one compiled tf.function) on uint8 batches;
-- the pipeline: ``run_predict`` over copies of the 8 real 1024 x 1024 JPEG DICOMs of
+- the pipeline: ``predict_sources`` over copies of the 8 real 1024 x 1024 JPEG DICOMs of
   ../shared/siim (decode, crop, CLAHE, resize in threads, network, back-mapping to 1024 x 1024,
   gate, RLE, PNG/JSON/CSV writes); issue 5 asks for >= 85% of the bare network's images/s.
   Twice: with SIIM's mix of outputs (the maps of a random 78% of the images are zeroed, as a
@@ -99,7 +99,7 @@ def main() -> None:
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
 
-    from pneumo_cli.inference.predict import run_predict
+    from pneumo_cli.inference.predict import predict_sources
     from pneumo_cli.inference.predictor import load_predictor
     from pneumo_cli.inference.sources import file_loader, file_sources
 
@@ -126,19 +126,21 @@ def main() -> None:
         sources, _ = file_sources(paths)
         load = file_loader(predictor.settings)
         out = root / "out"
-        run_predict(predictor, sources[:batch], out, load=load, batch_size=batch)  # warm-up
+        predict_sources(predictor, sources[:batch], out, load=load, batch_size=batch)  # warm-up
         pipeline = {}
         models = [("mix", SiimMix(predictor)), ("worst", predictor)]
         if args.run:  # a trained network: its own outputs on the real X-rays
             models = [("trained", predictor)]
         for name, model in models:
             start = time.perf_counter()
-            summary = run_predict(model, sources, out, load=load, batch_size=batch, overwrite=True)
+            summary = predict_sources(
+                model, sources, out, load=load, batch_size=batch, overwrite=True
+            )
             pipeline[name] = (summary, summary.predicted / (time.perf_counter() - start))
         one_dicom = []
         for _ in range(10):
             start = time.perf_counter()
-            run_predict(predictor, sources[:1], root / "one", load=load, overwrite=True)
+            predict_sources(predictor, sources[:1], root / "one", load=load, overwrite=True)
             one_dicom.append(time.perf_counter() - start)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -251,16 +252,22 @@ def test_real_dicoms_with_rle_truth_exact_pixels_and_dice(
         preds[image_id] = shifted_prediction(real_truth[image_id])
         write_mask_png(masks / f"{image_id}.png", preds[image_id])
     out = tmp_path / "out"
-    calls = []
+    calls: list = []
+
+    @contextlib.contextmanager
+    def recording(description, total):
+        calls.append((description, total))
+        yield calls.append
+
     summary = run_overlay(
         [real_train_dicoms[i] for i in POSITIVE_IDS] + [real_train_dicoms[NEGATIVE_ID]],
         masks,
         out,
         rle_csv=real_rle_csv,
-        progress=calls.append,
+        progress=recording,
     )
     assert (summary.written, summary.skipped, summary.rejected) == (3, 0, [])
-    assert calls == [1, 1, 1]
+    assert calls == [("overlay", 3), 1, 1, 1]
     assert summary.stretched_masks == 0 and summary.without_truth == 0
     results = {r.image_id: r for r in summary.results}
     for image_id in POSITIVE_IDS:

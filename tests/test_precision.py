@@ -62,7 +62,7 @@ def test_fp16_training_uses_loss_scaling_and_fp32_does_not() -> None:
     tf = tf_engine.import_tf()
     config = TrainConfig(precision="fp16", **FAST)
     net = build.build_model("resnet18", 64, encoder_weights=None, precision="fp16")
-    optimizer = setup._compile(net, config, replicas=1)
+    optimizer = setup.compile_model(net, config, replicas=1)
     assert isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     assert optimizer.dynamic and float(optimizer.loss_scale) == 2.0**15
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
@@ -71,7 +71,7 @@ def test_fp16_training_uses_loss_scaling_and_fp32_does_not() -> None:
     assert np.isfinite(loss)
     plain = build.build_model("resnet18", 64, encoder_weights=None, precision="fp32")
     assert not isinstance(
-        setup._compile(plain, TrainConfig(precision="fp32", **FAST), 1),
+        setup.compile_model(plain, TrainConfig(precision="fp32", **FAST), 1),
         tf.keras.mixed_precision.LossScaleOptimizer,
     )
 

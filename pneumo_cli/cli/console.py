@@ -7,6 +7,7 @@ command layer connects that callback to a Rich progress bar from :func:`progress
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pneumo_cli.core.progress import ProgressFn
+from pneumo_cli.core.progress import ProgressFactory, ProgressFn
 
 
 def stdout_console() -> Console:
@@ -57,6 +58,11 @@ def bars_enabled(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
+def progress_factory(quiet: bool) -> ProgressFactory:
+    """The library's progress protocol (:mod:`pneumo_cli.core.progress`) drawn as Rich bars."""
+    return functools.partial(progress_bar, quiet=quiet)
+
+
 def progress_bar(description: str, total: int | None, quiet: bool = False) -> Iterator[ProgressFn]:
     """Context manager yielding ``advance(n)`` that drives a Rich bar on stderr.
 

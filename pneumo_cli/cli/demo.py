@@ -11,7 +11,7 @@ from pneumo_cli.cli.options import Json, Overwrite, Quiet
 from pneumo_cli.cli.render import print_summary
 
 
-def demo_data(
+def demo_data_command(
     out_dir: Annotated[
         Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the dataset into.")
     ],
@@ -37,13 +37,12 @@ def demo_data(
     `pneumo preprocess` has something to reject. Phantoms, not patients: never use them to judge
     a model for clinical data. OUT_DIR must be empty unless --overwrite.
     """
-    from pneumo_cli.cli.console import progress_bar
-    from pneumo_cli.data.demo import CORRUPTION_KINDS, write_demo_dataset
+    from pneumo_cli.cli.console import progress_factory
+    from pneumo_cli.data.demo import write_demo_dataset
 
-    with progress_bar("writing demo X-rays", n + len(CORRUPTION_KINDS), quiet) as advance:
-        summary = write_demo_dataset(
-            out_dir, n=n, seed=seed, size=size, overwrite=overwrite, progress=advance
-        )
+    summary = write_demo_dataset(
+        out_dir, n=n, seed=seed, size=size, overwrite=overwrite, progress=progress_factory(quiet)
+    )
     values = summary.to_dict()
     if not as_json:
         # The corrupt files' UID paths are long; the JSON output lists them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,7 @@ def default_out_dir(predictions: Path) -> Path:
     return predictions.parent / f"eval-{name}"
 
 
-def evaluate(
+def evaluate_command(
     predictions: Annotated[
         Path | None,
         typer.Option(
@@ -156,9 +155,8 @@ def _evaluate_model(
     json_output: bool,
     quiet: bool,
 ) -> None:
-    import functools
 
-    from pneumo_cli.cli.console import print_note, progress_bar
+    from pneumo_cli.cli.console import print_note, progress_factory
     from pneumo_cli.evaluation.model_eval import evaluate_run
 
     result = evaluate_run(
@@ -169,7 +167,7 @@ def _evaluate_model(
         tune=tune,
         at=at.value,
         out_dir=out,
-        progress_factory=functools.partial(progress_bar, quiet=quiet),
+        progress=progress_factory(quiet),
     )
     if result.tuned and not json_output:
         _render_tuning(result.tuned)
@@ -206,9 +204,10 @@ def _render(metrics: dict[str, Any], json_output: bool) -> None:
     from rich.table import Table
 
     from pneumo_cli.cli.console import stdout_console
+    from pneumo_cli.cli.render import print_json
 
     if json_output:
-        typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+        print_json(metrics)
         return
     table = Table(title="pneumo evaluate", show_header=True)
     table.add_column("metric")

@@ -12,7 +12,7 @@ from pneumo_cli.cli.render import print_summary
 from pneumo_cli.core.choices import ExportFormat, Quantization
 
 
-def export(
+def export_command(
     fmt: Annotated[
         ExportFormat,
         typer.Option("--format", "-f", help="Deployable model format.", show_default=False),

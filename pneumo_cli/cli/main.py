@@ -91,24 +91,24 @@ def register(name: str, command: Callable[..., Any]) -> None:
 def _register_all() -> None:
     # Command modules import only typer at import time; heavy dependencies (TensorFlow, pydicom,
     # OpenCV, pandas) are imported inside the command functions, so --help stays instant.
-    from pneumo_cli.cli import rle as rle_commands
-    from pneumo_cli.cli.demo import demo_data
-    from pneumo_cli.cli.evaluate import evaluate
-    from pneumo_cli.cli.export import export
-    from pneumo_cli.cli.overlay import overlay
-    from pneumo_cli.cli.predict import predict
-    from pneumo_cli.cli.preprocess import preprocess
-    from pneumo_cli.cli.train import train
+    from pneumo_cli.cli.demo import demo_data_command
+    from pneumo_cli.cli.evaluate import evaluate_command
+    from pneumo_cli.cli.export import export_command
+    from pneumo_cli.cli.overlay import overlay_command
+    from pneumo_cli.cli.predict import predict_command
+    from pneumo_cli.cli.preprocess import preprocess_command
+    from pneumo_cli.cli.rle import rle_decode_command, rle_encode_command
+    from pneumo_cli.cli.train import train_command
 
-    register("rle-decode", rle_commands.rle_decode)
-    register("rle-encode", rle_commands.rle_encode)
-    register("preprocess", preprocess)
-    register("train", train)
-    register("predict", predict)
-    register("evaluate", evaluate)
-    register("export", export)
-    register("overlay", overlay)
-    register("demo-data", demo_data)
+    register("rle-decode", rle_decode_command)
+    register("rle-encode", rle_encode_command)
+    register("preprocess", preprocess_command)
+    register("train", train_command)
+    register("predict", predict_command)
+    register("evaluate", evaluate_command)
+    register("export", export_command)
+    register("overlay", overlay_command)
+    register("demo-data", demo_data_command)
 
 
 _register_all()

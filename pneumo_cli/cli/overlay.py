@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pneumo_cli.cli.options import Json, Overwrite, Quiet
+from pneumo_cli.cli.render import print_json
 from pneumo_cli.core.choices import PictureFormat
 
 
-def overlay(
+def overlay_command(
     images: Annotated[
         list[Path],
         typer.Argument(
@@ -65,25 +65,22 @@ def overlay(
     cannot be used (unreadable, no mask, mask of the wrong size) are listed in OUT/rejected.csv
     and the rest are still drawn.
     """
-    from pneumo_cli.cli.console import print_note, print_warning, progress_bar, stdout_console
-    from pneumo_cli.io.xrays import collect_xray_files
+    from pneumo_cli.cli.console import print_note, print_warning, progress_factory, stdout_console
     from pneumo_cli.overlay.run import run_overlay
 
     if truth is not None and rle is not None:
         raise typer.BadParameter("give ground truth with --truth or --rle, not both")
-    total = len(collect_xray_files(images)) if masks.is_dir() else None
-    with progress_bar("overlay", total, quiet) as advance:
-        summary = run_overlay(
-            images,
-            masks,
-            out,
-            truth_dir=truth,
-            rle_csv=rle,
-            fmt=fmt.value,
-            max_size=max_size,
-            overwrite=overwrite,
-            progress=advance,
-        )
+    summary = run_overlay(
+        images,
+        masks,
+        out,
+        truth_dir=truth,
+        rle_csv=rle,
+        fmt=fmt.value,
+        max_size=max_size,
+        overwrite=overwrite,
+        progress=progress_factory(quiet),
+    )
     if summary.rejected:
         print_warning(
             f"{len(summary.rejected)} input(s) rejected; reasons in {summary.rejected_csv}"
@@ -91,7 +88,7 @@ def overlay(
     if (truth is not None or rle is not None) and summary.without_truth and not quiet:
         print_note(f"{summary.without_truth} image(s) had no ground truth; drawn with two panels")
     if json_out:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        print_json(summary.to_dict())
         return
     from rich.table import Table
 

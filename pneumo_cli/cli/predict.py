@@ -56,7 +56,7 @@ MinComponentArea = Annotated[
 ]
 
 
-def predict(
+def predict_command(
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
@@ -99,14 +99,15 @@ def predict(
     Unreadable inputs are listed in OUT/rejected.csv; finished images are skipped on a re-run
     unless --overwrite.
     """
-    import functools
 
-    from pneumo_cli.cli.console import print_warning, progress_bar
-    from pneumo_cli.inference.predict import predict as run_predict
+    from pneumo_cli.cli.console import print_warning, progress_factory
+    from pneumo_cli.inference.predict import predict_inputs
 
     if bool(inputs) == (cache is not None):
-        raise typer.BadParameter("give either INPUT files/folders or --cache CACHE, not both")
-    summary = run_predict(
+        raise typer.BadParameter(
+            "give INPUT files/folders or --cache CACHE (exactly one of the two)"
+        )
+    summary = predict_inputs(
         inputs or [],
         run=run,
         model=model,
@@ -124,7 +125,7 @@ def predict(
         overwrite=overwrite,
         batch_size=batch_size,
         workers=workers,
-        progress_factory=functools.partial(progress_bar, "predicting", quiet=quiet),
+        progress=progress_factory(quiet),
     )
     if summary.rejected:
         print_warning(f"{summary.rejected} input(s) rejected; reasons in {out / 'rejected.csv'}")

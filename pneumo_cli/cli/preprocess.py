@@ -13,7 +13,7 @@ from pneumo_cli.core.config import PreprocessConfig, check_image_size
 _DEFAULTS = PreprocessConfig()
 
 
-def preprocess(
+def preprocess_command(
     raw_dir: Annotated[
         Path,
         typer.Argument(
@@ -114,11 +114,10 @@ def preprocess(
     Re-running finishes an interrupted run and adds new images without moving old ones between
     splits; other settings are refused unless --overwrite.
     """
-    from pneumo_cli.cli.console import print_note, print_warning, progress_bar
+    from pneumo_cli.cli.console import print_note, print_warning, progress_factory
     from pneumo_cli.cli.render import print_summary
     from pneumo_cli.core.config import PreprocessConfig
     from pneumo_cli.core.errors import ConfigError
-    from pneumo_cli.data.inputs import list_xray_files
     from pneumo_cli.data.preprocess import run_preprocess
 
     if rle is not None and masks is not None:
@@ -140,20 +139,18 @@ def preprocess(
     except ConfigError as exc:
         # A combination of options that cannot work is a usage error (exit 2), like a bad value.
         raise typer.BadParameter(str(exc).removeprefix("preprocess settings: ")) from None
-    total = len(list_xray_files(raw_dir)) if raw_dir.is_dir() else None
-    with progress_bar("preprocess", total, quiet) as advance:
-        summary = run_preprocess(
-            raw_dir,
-            cache_dir,
-            settings,
-            rle_csv=rle,
-            masks_dir=masks,
-            workers=workers,
-            overwrite=overwrite,
-            strict=strict,
-            keep_phi=keep_phi,
-            progress=advance,
-        )
+    summary = run_preprocess(
+        raw_dir,
+        cache_dir,
+        settings,
+        rle_csv=rle,
+        masks_dir=masks,
+        workers=workers,
+        overwrite=overwrite,
+        strict=strict,
+        keep_phi=keep_phi,
+        progress=progress_factory(quiet),
+    )
     if not quiet:
         if summary.rejected:
             print_warning(

@@ -6,10 +6,16 @@ import json
 from collections.abc import Mapping
 
 
+def print_json(values: Mapping[str, object]) -> None:
+    """The one ``--json`` renderer: ``values`` as indented, key-sorted JSON on stdout (paths and
+    other non-JSON values as strings), nothing else on stdout."""
+    print(json.dumps(dict(values), indent=2, sort_keys=True, default=str))
+
+
 def print_summary(title: str, values: Mapping[str, object], as_json: bool) -> None:
-    """Print ``values`` as indented, key-sorted JSON (``as_json``) or as a titled table."""
+    """Print ``values`` with :func:`print_json` (``as_json``) or as a titled two-column table."""
     if as_json:
-        print(json.dumps(dict(values), indent=2, sort_keys=True, default=str))
+        print_json(values)
         return
     from rich.table import Table
 

@@ -11,7 +11,7 @@ from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers
 from pneumo_cli.cli.render import print_summary
 
 
-def rle_decode(
+def rle_decode_command(
     csv_path: Annotated[
         Path, typer.Argument(metavar="CSV", help="RLE CSV (train-rle.csv, optionally gzipped).")
     ],
@@ -33,24 +33,23 @@ def rle_decode(
     headers or none, UTF-8 BOM, CRLF, leading spaces, gzip. Existing PNGs are kept unless
     --overwrite, so an interrupted run is resumed by running it again.
     """
-    from pneumo_cli.cli.console import progress_bar
+    from pneumo_cli.cli.console import progress_factory
     from pneumo_cli.io.rle_files import decode_csv
 
-    with progress_bar("decoding masks", None, quiet) as advance:
-        summary = decode_csv(
-            csv_path,
-            out_dir,
-            height=height,
-            width=width,
-            overwrite=overwrite,
-            skip_invalid=skip_invalid,
-            workers=workers,
-            progress=advance,
-        )
+    summary = decode_csv(
+        csv_path,
+        out_dir,
+        height=height,
+        width=width,
+        overwrite=overwrite,
+        skip_invalid=skip_invalid,
+        workers=workers,
+        progress=progress_factory(quiet),
+    )
     print_summary("rle-decode", summary.to_dict(), as_json)
 
 
-def rle_encode(
+def rle_encode_command(
     mask_dir: Annotated[
         Path, typer.Argument(metavar="MASK_DIR", help="Folder of mask images (<ImageId>.png).")
     ],
@@ -70,16 +69,15 @@ def rle_encode(
 
     ImageId is the file stem; any non-zero pixel is foreground; empty masks are written as -1.
     """
-    from pneumo_cli.cli.console import progress_bar
+    from pneumo_cli.cli.console import progress_factory
     from pneumo_cli.io.rle_files import encode_folder
 
-    with progress_bar("encoding masks", None, quiet) as advance:
-        summary = encode_folder(
-            mask_dir,
-            out_csv,
-            threshold=threshold,
-            overwrite=overwrite,
-            workers=workers,
-            progress=advance,
-        )
+    summary = encode_folder(
+        mask_dir,
+        out_csv,
+        threshold=threshold,
+        overwrite=overwrite,
+        workers=workers,
+        progress=progress_factory(quiet),
+    )
     print_summary("rle-encode", summary.to_dict(), as_json)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +11,7 @@ import typer
 
 from pneumo_cli.cli.console import bars_enabled, print_note, stderr_console, stdout_console
 from pneumo_cli.cli.options import Json, Quiet, checked_by, plain
+from pneumo_cli.cli.render import print_json
 from pneumo_cli.core.choices import Encoder, InputNorm, Loss, Precision
 from pneumo_cli.core.config import TrainConfig, check_image_size, parse_pos_fraction
 
@@ -91,7 +91,7 @@ class RichReporter:
             self.progress = None
 
 
-def train(
+def train_command(
     cache: Annotated[
         Path, typer.Option("--cache", help="Cache folder written by `pneumo preprocess`.")
     ] = Path("cache"),
@@ -309,7 +309,7 @@ def _render(result: Any, json_output: bool) -> None:
     values = dataclasses.asdict(result)
     console = stdout_console()
     if json_output:
-        console.print_json(json.dumps(values))
+        print_json(values)
         return
     from rich.table import Table
 

@@ -36,15 +36,21 @@ def _process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running on this machine.
+
+    Only a definite "no such process" (or a number no process can have) counts as dead: a
+    process of another user, or one the system will not tell us about, is taken as alive, so
+    nobody deletes the lock or the files of a process that is still working.
+    """
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:
-        return True  # exists, owned by another user
     except OSError:
-        return False
+        return True  # PermissionError: exists, owned by another user; others: cannot judge
     return True
 
 
@@ -53,7 +59,7 @@ def _lock_is_stale(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname():
         return False  # cannot check a process on another machine
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return True
     recorded = owner.get("start_ticks")
     return recorded is not None and _process_start_ticks(pid) not in (None, recorded)

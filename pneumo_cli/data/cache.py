@@ -27,7 +27,7 @@ MANIFEST_COLUMNS = (
 _TEXT_COLUMNS = (
     "ImageId", "image", "mask", "split", "view_position", "sex", "patient_key", "source",
 )  # fmt: skip
-_NULLABLE_INT_COLUMNS = ("has_pneumothorax", "mask_area_px", "age")
+NULLABLE_INT_COLUMNS = ("has_pneumothorax", "mask_area_px", "age")
 _INT_COLUMNS = ("orig_height", "orig_width", "crop_top", "crop_bottom", "crop_left", "crop_right")
 # Labelled images' masks at original resolution as SIIM RLE (`pneumo evaluate` scores against it).
 TRUTH_FILE = "truth.csv"
@@ -187,7 +187,7 @@ def _parse_manifest(path: Path, raw: bytes) -> Any:
         )
     for index, row in enumerate(frame.itertuples(index=False)):
         _check_row(path, index + 2, row)
-    for name in _NULLABLE_INT_COLUMNS:
+    for name in NULLABLE_INT_COLUMNS:
         frame[name] = pd.array([int(v) if v.strip() else None for v in frame[name]], "Int64")
     frame["fold"] = [int(v) if v.strip() else -1 for v in frame["fold"]]
     for name in _INT_COLUMNS:

@@ -14,9 +14,10 @@ from pneumo_cli.core.files import (
     ensure_output_dir,
     remove_stale_temporaries,
 )
+from pneumo_cli.core.provenance import IMAGE_PACKAGES, package_versions
 from pneumo_cli.data.cache import (
-    _NULLABLE_INT_COLUMNS,
     MANIFEST_COLUMNS,
+    NULLABLE_INT_COLUMNS,
     PHI_FILE,
     TRUTH_FILE,
     read_json_object,
@@ -27,21 +28,23 @@ from pneumo_cli.data.splits import Assignment, SplitItem, assign_splits
 _OUR_FOLDERS = {"images": ".png", "masks": ".png", "records": ".json"}
 
 
-def _remove(path: Path) -> None:
+def remove_file(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot remove {path}: {exc.strerror}") from None
 
 
-def _previous_sources(previous: Any) -> dict[str, str]:
+def previous_sources(previous: Any) -> dict[str, str]:
     """ImageId -> source of an earlier manifest (that source wins a duplicate-id contest)."""
     if previous is None:
         return {}
     return dict(zip(previous["ImageId"], previous["source"], strict=True))
 
 
-def _refuse_inside(cache: Path, raw: Path, masks_dir: str | os.PathLike[str] | None) -> None:
+def refuse_cache_inside_inputs(
+    cache: Path, raw: Path, masks_dir: str | os.PathLike[str] | None
+) -> None:
     resolved = cache.resolve()
     for given in (raw, masks_dir):
         if given is None:
@@ -54,7 +57,7 @@ def _refuse_inside(cache: Path, raw: Path, masks_dir: str | os.PathLike[str] | N
             )
 
 
-def _check_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]) -> Any:
+def check_existing_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]) -> Any:
     """Refuse a cache made with other settings or labels; return its earlier manifest (or None).
 
     Reads only: nothing is written before the whole run is known to be possible.
@@ -86,7 +89,7 @@ def _check_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]
     return None
 
 
-def _start_cache(
+def start_cache(
     cache: Path, settings: PreprocessConfig, labels: dict[str, str], overwrite: bool
 ) -> None:
     """Create the folders (emptied with ``overwrite``) and record the settings, marked
@@ -96,11 +99,11 @@ def _start_cache(
         _wipe(cache)
     for name in _OUR_FOLDERS:
         ensure_output_dir(cache / name)
-    _sweep_temporaries(cache)
-    _write_settings(cache, settings, labels, {}, complete=False)
+    sweep_temporaries(cache)
+    write_settings(cache, settings, labels, {}, complete=False)
 
 
-def _sweep_temporaries(cache: Path) -> None:
+def sweep_temporaries(cache: Path) -> None:
     for name in _OUR_FOLDERS:
         remove_stale_temporaries(cache / name)
     remove_stale_temporaries(cache)
@@ -118,19 +121,7 @@ def _wipe(cache: Path) -> None:
         (cache / name).unlink(missing_ok=True)
 
 
-def _package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "pandas"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _write_settings(
+def write_settings(
     cache: Path,
     settings: PreprocessConfig,
     labels: dict[str, str],
@@ -142,7 +133,7 @@ def _write_settings(
         {
             "settings": to_dict(settings),
             "labels": labels,
-            "versions": _package_versions(),
+            "versions": package_versions(IMAGE_PACKAGES),
             "pneumo_version": __version__,
             "counts": counts,
             "complete": complete,
@@ -150,7 +141,7 @@ def _write_settings(
     )
 
 
-def _truth_csv(records: list[dict[str, Any]]) -> str:
+def truth_csv(records: list[dict[str, Any]]) -> str:
     """``ImageId,EncodedPixels`` of every labelled image at its original size, sorted."""
     lines = ["ImageId,EncodedPixels"]
     for record in sorted(records, key=lambda r: r["ImageId"]):
@@ -159,7 +150,7 @@ def _truth_csv(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rejected_csv(rejected: list[tuple[str, str]]) -> str:
+def rejected_csv(rejected: list[tuple[str, str]]) -> str:
     import csv
     import io
 
@@ -170,9 +161,7 @@ def _rejected_csv(rejected: list[tuple[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def _build_manifest(
-    records: list[dict[str, Any]], settings: PreprocessConfig, previous: Any
-) -> Any:
+def build_manifest(records: list[dict[str, Any]], settings: PreprocessConfig, previous: Any) -> Any:
     import pandas as pd
 
     items = [SplitItem(r["ImageId"], r["patient_key"], r["has_pneumothorax"]) for r in records]
@@ -195,12 +184,14 @@ def _build_manifest(
         place = assigned[record["ImageId"]]
         rows.append({**record, "split": place.split, "fold": place.fold})
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    for column in _NULLABLE_INT_COLUMNS:
+    for column in NULLABLE_INT_COLUMNS:
         frame[column] = frame[column].astype("Int64")
     return frame
 
 
-def _counts(manifest: Any, rejected: list[tuple[str, str]], unmatched: list[str]) -> dict[str, Any]:
+def count_outcomes(
+    manifest: Any, rejected: list[tuple[str, str]], unmatched: list[str]
+) -> dict[str, Any]:
     labels = manifest["has_pneumothorax"]
     folds = manifest.loc[manifest["fold"] >= 0, "fold"].value_counts().sort_index()
     return {

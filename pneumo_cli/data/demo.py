@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pneumo_cli.core.errors import ConfigError, OutputError
+from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.data.synthetic import Anatomy, Phantom, draw_anatomy, draw_phantom
 
 IMAGES_FOLDER = "dicom-images-train"
@@ -194,20 +195,19 @@ def write_demo_dataset(
     seed: int = 0,
     size: int = 512,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> DemoSummary:
     """Write ``n`` synthetic X-rays, their RLE CSV and four corrupt files under ``out_dir``.
 
-    ``progress(k)`` is called after every ``k`` files written. With ``overwrite`` an existing
-    ``dicom-images-train`` folder and ``train-rle.csv`` in ``out_dir`` are replaced; other files
-    there are left alone.
+    Progress is reported as files are written (:mod:`pneumo_cli.core.progress`). With
+    ``overwrite`` an existing ``dicom-images-train`` folder and ``train-rle.csv`` in ``out_dir``
+    are replaced; other files there are left alone.
 
     Raises:
         ConfigError: ``n`` or ``size`` out of range.
         OutputError: ``out_dir`` is not empty and ``overwrite`` is False, or cannot be written.
     """
     from pneumo_cli.core.files import atomic_write_text, ensure_output_dir
-    from pneumo_cli.io.dicom_write import write_dicom
 
     check_demo_settings(n, size)
     out = Path(out_dir)
@@ -217,35 +217,19 @@ def write_demo_dataset(
     lines = [CSV_HEADER]
     counts = {"positives": 0, "multi": 0, "mono1": 0, "area": 0.0}
     patients = set()
-    for item in iter_demo_images(rng, n, size):
-        path = out / item.relative_path
-        _make_folder(path.parent)
-        pixels = item.phantom.image
-        if item.photometric == "MONOCHROME1":
-            pixels = 255 - pixels
-            counts["mono1"] += 1
-        write_dicom(
-            path,
-            pixels,
-            photometric=item.photometric,
-            jpeg=True,
-            patient_id=item.patient_id,
-            study_uid=item.study_uid,
-            series_uid=item.series_uid,
-            sop_uid=item.image_id,
-            extra=item.header,
-        )
-        lines.extend(f"{item.image_id}, {encoded}" for encoded in item.rle_rows)
-        patients.add(item.patient_id)
-        if item.phantom.mask.any():
-            counts["positives"] += 1
-            counts["area"] += float(item.phantom.mask.mean())
-            counts["multi"] += len(item.rle_rows) > 1
-        if progress is not None:
-            progress(1)
-    corrupt = write_corrupt_files(rng, out, size)
-    if progress is not None:
-        progress(len(corrupt))
+    with stage(progress, "writing demo X-rays", n + len(CORRUPTION_KINDS)) as advance:
+        for item in iter_demo_images(rng, n, size):
+            _write_demo_image(out, item)
+            lines.extend(f"{item.image_id}, {encoded}" for encoded in item.rle_rows)
+            patients.add(item.patient_id)
+            counts["mono1"] += item.photometric == "MONOCHROME1"
+            if item.phantom.mask.any():
+                counts["positives"] += 1
+                counts["area"] += float(item.phantom.mask.mean())
+                counts["multi"] += len(item.rle_rows) > 1
+            advance(1)
+        corrupt = write_corrupt_files(rng, out, size)
+        advance(len(corrupt))
     # The CSV is written last: its presence means the image folder is complete.
     atomic_write_text(out / CSV_NAME, "\n".join(lines) + "\n", fsync=True)
     positives = int(counts["positives"])
@@ -264,6 +248,28 @@ def write_demo_dataset(
         corrupted=len(corrupt),
         positive_area_fraction_mean=round(counts["area"] / positives, 4) if positives else 0.0,
         corrupted_files=corrupt,
+    )
+
+
+def _write_demo_image(out: Path, item: DemoImage) -> None:
+    """One phantom as a JPEG Baseline DICOM in the Kaggle archive's folder layout."""
+    from pneumo_cli.io.dicom_write import write_dicom
+
+    path = out / item.relative_path
+    _make_folder(path.parent)
+    pixels = item.phantom.image
+    if item.photometric == "MONOCHROME1":
+        pixels = 255 - pixels
+    write_dicom(
+        path,
+        pixels,
+        photometric=item.photometric,
+        jpeg=True,
+        patient_id=item.patient_id,
+        study_uid=item.study_uid,
+        series_uid=item.series_uid,
+        sop_uid=item.image_id,
+        extra=item.header,
     )
 
 

@@ -38,21 +38,21 @@ from pneumo_cli.core.files import (
     ensure_output_dir,
 )
 from pneumo_cli.core.locks import folder_lock
-from pneumo_cli.core.progress import ProgressFn
+from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.core.workers import worker_pool
 from pneumo_cli.data.cache import PHI_FILE, TRUTH_FILE
 from pneumo_cli.data.cache_write import (
-    _build_manifest,
-    _check_cache,
-    _counts,
-    _previous_sources,
-    _refuse_inside,
-    _rejected_csv,
-    _remove,
-    _start_cache,
-    _sweep_temporaries,
-    _truth_csv,
-    _write_settings,
+    build_manifest,
+    check_existing_cache,
+    count_outcomes,
+    previous_sources,
+    refuse_cache_inside_inputs,
+    rejected_csv,
+    remove_file,
+    start_cache,
+    sweep_temporaries,
+    truth_csv,
+    write_settings,
 )
 from pneumo_cli.data.inputs import phi_csv, process_images, read_phi_rows, scan_raw_dir
 from pneumo_cli.data.labels import read_labels
@@ -93,7 +93,7 @@ def run_preprocess(
     overwrite: bool = False,
     strict: bool = False,
     keep_phi: bool = False,
-    progress: ProgressFn | None = None,
+    progress: ProgressFactory | None = None,
 ) -> PreprocessSummary:
     """Build (or finish, or extend) the cache in ``cache_dir`` from the X-rays under ``raw_dir``.
 
@@ -124,7 +124,7 @@ def run_preprocess(
         raise InputError(f"RAW_DIR {raw} is not a folder; give the folder holding the X-rays")
     workers = max(1, workers or os.cpu_count() or 1)
     cache = Path(cache_dir)
-    _refuse_inside(cache, raw, masks_dir)
+    refuse_cache_inside_inputs(cache, raw, masks_dir)
     labels = read_labels(rle_csv, masks_dir)
     created = not cache.exists()
     ensure_output_dir(cache)
@@ -151,31 +151,31 @@ def _build_cache(
     overwrite: bool,
     strict: bool,
     keep_phi: bool,
-    progress: ProgressFn | None,
+    progress: ProgressFactory | None,
     started: float,
 ) -> PreprocessSummary:
     """The body of :func:`run_preprocess`, run while holding the cache's lock."""
     # Everything that can refuse the run happens before the first write.
-    previous = None if overwrite else _check_cache(cache, settings, labels.fingerprint())
+    previous = None if overwrite else check_existing_cache(cache, settings, labels.fingerprint())
     try:
         with worker_pool(workers) as pool_map:
-            candidates, rejected = scan_raw_dir(raw, pool_map, _previous_sources(previous))
+            candidates, rejected = scan_raw_dir(raw, pool_map, previous_sources(previous))
             label_of, unmatched = labels.match(candidates)
-            _start_cache(cache, settings, labels.fingerprint(), overwrite)
-            if progress is not None:
-                progress(len(rejected))
-            records, newly_rejected, processed = process_images(
-                candidates, label_of, cache, settings, pool_map, progress
-            )
+            start_cache(cache, settings, labels.fingerprint(), overwrite)
+            with stage(progress, "preprocess", len(candidates) + len(rejected)) as advance:
+                advance(len(rejected))
+                records, newly_rejected, processed = process_images(
+                    candidates, label_of, cache, settings, pool_map, advance
+                )
             phi_rows = read_phi_rows(raw, records, pool_map) if keep_phi else None
     except BaseException:
         # The pool is stopped (its workers terminated and joined) by now. A worker stopped in
         # the middle of a write leaves its temporary file; we hold the lock, so every
         # temporary in our folders is ours to delete.
-        _sweep_temporaries(cache)
+        sweep_temporaries(cache)
         raise
     rejected = sorted(rejected + newly_rejected)
-    atomic_write_text(cache / "rejected.csv", _rejected_csv(rejected))
+    atomic_write_text(cache / "rejected.csv", rejected_csv(rejected))
     if not records:
         raise InputError(
             f"no usable image in {raw} ({len(rejected)} file(s) rejected); "
@@ -186,15 +186,15 @@ def _build_cache(
             f"{len(rejected)} file(s) rejected and --strict is set (first: {rejected[0][0]}: "
             f"{rejected[0][1]}); see {cache / 'rejected.csv'}"
         )
-    manifest = _build_manifest(records, settings, previous)
-    counts = _counts(manifest, rejected, unmatched)
-    atomic_write_text(cache / TRUTH_FILE, _truth_csv(records))
+    manifest = build_manifest(records, settings, previous)
+    counts = count_outcomes(manifest, rejected, unmatched)
+    atomic_write_text(cache / TRUTH_FILE, truth_csv(records))
     phi_path = cache / PHI_FILE
     if phi_rows is not None:
         atomic_write_text(phi_path, phi_csv(phi_rows), fsync=True)
     else:
-        _remove(phi_path)
-    _write_settings(cache, settings, labels.fingerprint(), counts, complete=True)
+        remove_file(phi_path)
+    write_settings(cache, settings, labels.fingerprint(), counts, complete=True)
     atomic_write_text(cache / "manifest.csv", manifest.to_csv(index=False), fsync=True)
     return PreprocessSummary(
         cache_dir=str(cache),

@@ -25,6 +25,7 @@ from pneumo_cli.core.choices import Resolution, Split, check_choice
 from pneumo_cli.core.config import to_dict
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.core.files import ensure_output_dir, remove_stale_temporaries
+from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.inference.postprocess import (
     POSTPROCESS_FILE,
     Gate,
@@ -123,18 +124,17 @@ def evaluate_run(
     out_dir: str | os.PathLike[str] | None = None,
     batch_size: int = 8,
     workers: int | None = None,
-    progress_factory: Any = None,
+    progress: ProgressFactory | None = None,
 ) -> RunEvaluation:
     """Score a run on one split of its cache (see the module docstring).
 
-    ``progress_factory(description, total)`` returns a context manager yielding ``advance(n)``.
+    Progress is reported per stage (:mod:`pneumo_cli.core.progress`).
 
     Raises:
         ConfigError: tuning on anything but val, unknown split or resolution, a cache made with
             other preprocessing settings than the run's.
         InputError: no run or model, the split absent or without labelled images, no truth.
     """
-    import contextlib
 
     from pneumo_cli.core.metrics import overlap_counts
     from pneumo_cli.data.cache import load_cache_settings
@@ -168,17 +168,16 @@ def evaluate_run(
     labelled = [(i, row) for i, row in sources if row["mask"]]
     if not labelled:
         raise InputError(f"split '{split}' of {cache_dir} has no labelled image to score")
-    factory = progress_factory or (lambda description, total: contextlib.nullcontext(lambda n: 0))
     size = predictor.image_size
     workers = workers or os.cpu_count() or 1
 
-    with factory(f"predicting {split}", len(labelled)) as advance:
+    with stage(progress, f"predicting {split}", len(labelled)) as advance:
         scored = _predict_split(predictor, labelled, load, batch_size, workers, advance)
 
     tuned: list[Any] = []
     gate = predictor.gate
     if tune:
-        with factory("tuning the gate", len(scored)) as advance:
+        with stage(progress, "tuning the gate", len(scored)) as advance:
             tuned = tune_gate(
                 (s.prob for s in scored),
                 (_cached_mask(cache_dir, s.row) for s in scored),
@@ -203,7 +202,7 @@ def evaluate_run(
         return decode_union([truth_rle[entry.item.image_id]], height, width), pred, record
 
     ids, inters, truth_areas, pred_areas, max_probs, records = [], [], [], [], [], []
-    with factory("scoring", len(scored)) as advance, ThreadPoolExecutor(workers) as pool:
+    with stage(progress, "scoring", len(scored)) as advance, ThreadPoolExecutor(workers) as pool:
         for entry, (truth, pred, record) in zip(scored, pool.map(image_masks, scored), strict=True):
             inter, truth_area, pred_area = overlap_counts(truth, pred)
             ids.append(entry.item.image_id)

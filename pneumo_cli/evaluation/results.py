@@ -49,7 +49,7 @@ class Evaluation:
     rows: list[ImageRow]
 
 
-def _json_number(value: float) -> float | None:
+def json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 

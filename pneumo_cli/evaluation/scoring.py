@@ -39,7 +39,7 @@ from pneumo_cli.evaluation.results import (
     CONVENTIONS,
     Evaluation,
     ImageRow,
-    _json_number,
+    json_number,
     per_image_csv,
     select_cases,
 )
@@ -84,17 +84,17 @@ def score_counts(
     scored = all(p is not None for p in probs)
     scores = np.array(probs, dtype=np.float64) if scored else None
     result: dict[str, Any] = {
-        "mean_dice": _json_number(metrics.mean_over_images(dice)),
-        "mean_iou": _json_number(metrics.mean_over_images(iou)),
-        "positive_mean_dice": _json_number(metrics.mean_over_positives(dice, truth)),
-        "positive_mean_iou": _json_number(metrics.mean_over_positives(iou, truth)),
-        "sensitivity": _json_number(confusion.sensitivity),
-        "specificity": _json_number(confusion.specificity),
-        "precision": _json_number(confusion.precision),
-        "accuracy": _json_number(confusion.accuracy),
-        "roc_auc": _json_number(metrics.roc_auc(truth_present, scores)) if scored else None,
+        "mean_dice": json_number(metrics.mean_over_images(dice)),
+        "mean_iou": json_number(metrics.mean_over_images(iou)),
+        "positive_mean_dice": json_number(metrics.mean_over_positives(dice, truth)),
+        "positive_mean_iou": json_number(metrics.mean_over_positives(iou, truth)),
+        "sensitivity": json_number(confusion.sensitivity),
+        "specificity": json_number(confusion.specificity),
+        "precision": json_number(confusion.precision),
+        "accuracy": json_number(confusion.accuracy),
+        "roc_auc": json_number(metrics.roc_auc(truth_present, scores)) if scored else None,
         "average_precision": (
-            _json_number(metrics.average_precision(truth_present, scores)) if scored else None
+            json_number(metrics.average_precision(truth_present, scores)) if scored else None
         ),
         "confusion_matrix": {
             "tp": confusion.tp,

@@ -28,8 +28,8 @@ from typing import Any
 
 from pneumo_cli import __version__
 from pneumo_cli.core.choices import ExportFormat, Quantization, check_choice
-from pneumo_cli.core.config import PreprocessConfig, from_dict, to_dict
-from pneumo_cli.core.errors import ConfigError, InputError, OutputError, PneumoError
+from pneumo_cli.core.config import to_dict
+from pneumo_cli.core.errors import ConfigError, OutputError, PneumoError
 from pneumo_cli.core.files import TEMP_PREFIX, atomic_write_json, describe_os_error
 from pneumo_cli.export.parity import (
     PARITY_ORIGINAL_HW,
@@ -47,13 +47,8 @@ from pneumo_cli.inference.exported import (
     load_runner,
 )
 from pneumo_cli.inference.postprocess import (
-    POSTPROCESS_FILE,
-    Gate,
     area_scale_for,
-    load_gate,
 )
-
-MODEL_FILE = "best.keras"
 
 
 @dataclass
@@ -115,18 +110,10 @@ def _size_bytes(path: Path) -> int:
 
 def export_versions(fmt: str) -> dict[str, str]:
     """Versions of the packages that wrote (and will run) the export."""
-    from importlib.metadata import PackageNotFoundError, version
+    from pneumo_cli.core.provenance import MODEL_PACKAGES, ONNX_PACKAGES, package_versions
 
-    from pneumo_cli.core.provenance import package_versions
-
-    versions = {"pneumo": __version__, **package_versions()}
-    if fmt == "onnx":
-        for name in ("tf2onnx", "onnx", "onnxruntime"):
-            try:
-                versions[name] = version(name)
-            except PackageNotFoundError:
-                versions[name] = "absent"
-    return versions
+    names = MODEL_PACKAGES + (ONNX_PACKAGES if fmt == "onnx" else ())
+    return {"pneumo": __version__, **package_versions(names)}
 
 
 def _check_out(out: Path, overwrite: bool, run_dir: Path) -> None:
@@ -156,6 +143,115 @@ def _replace_folder(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class _ExportJob:
+    opened: Any  # inference.predictor.RunForInference
+    model: Any
+    fmt: str
+    quantize: str | None
+    out: Path
+    overwrite: bool
+    say: Callable[[str], None]
+
+
+def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
+    """Convert in a scratch folder beside ``job.out``, check parity, then move it into place.
+
+    Returns the model file written, the parity result and the int8 calibration note.
+    """
+    from pneumo_cli.export import backends as export_backends
+
+    opened, fmt, quantize, out = job.opened, job.fmt, job.quantize, job.out
+    size, scaling = opened.image_size, opened.input_scaling
+    images, inputs = parity_images(opened.config, size)
+    keras_forward = export_backends.serving_function(job.model, scaling, size)
+    reference = run_in_batches(lambda batch: keras_forward(batch)[OUTPUT_NAME].numpy(), images)
+    calibration, calibration_note = (None, None)
+    if quantize == "int8":
+        calibration, calibration_note = calibration_images(opened.config, size)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out.parent}: {describe_os_error(exc)}") from None
+    scratch = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir()
+        label = fmt + (f" ({quantize})" if quantize else "")
+        job.say(f"converting to {label}")
+        written = export_backends.write_export(
+            job.model, fmt, scaling, size, scratch, quantize, calibration
+        )
+        job.say(f"checking parity on {inputs}")
+        exported = run_in_batches(load_runner(fmt, written), images)
+        area_scale = area_scale_for(PARITY_ORIGINAL_HW, (size, size))
+        tolerance = TOLERANCES[quantize or "float32"]
+        parity = compare_probabilities(
+            reference, exported, opened.gate, tolerance, inputs, area_scale
+        )
+        if not parity.passed:
+            raise PneumoError(
+                f"{label} export of {opened.run_dir} failed its parity check against Keras on "
+                f"{inputs}: {'; '.join(parity.failures)}; nothing was written"
+            )
+        manifest = _manifest(opened, fmt, quantize, written, calibration_note, parity)
+        atomic_write_json(scratch / MANIFEST_FILE, manifest)
+        _check_out(out, job.overwrite, opened.run_dir)  # another process may have made it
+        _replace_folder(scratch, out)
+    except OSError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise OutputError(f"cannot write {out}: {describe_os_error(exc)}") from None
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return written, parity, calibration_note
+
+
+def _manifest(
+    opened: Any,
+    fmt: str,
+    quantize: str | None,
+    written: Path,
+    calibration_note: str | None,
+    parity: Parity,
+) -> dict[str, Any]:
+    """``pneumo-model.json``: what the exported model expects, made of and was checked on."""
+    size = opened.image_size
+    return {
+        "pneumo_version": __version__,
+        "format": fmt,
+        "quantize": quantize,
+        "model_file": written.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, size, size, 1],
+            "dtype": "float32",
+            "range": "grey pixel values 0..255 of the prepared (cropped, CLAHE, resized) image",
+            "scaling_in_graph": opened.input_scaling,
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": [None, size, size, 1],
+            "dtype": "float32",
+            "range": "pneumothorax probability 0..1 per pixel",
+        },
+        "image_size": size,
+        "input_scaling": opened.input_scaling,
+        "encoder": opened.config.get("encoder"),
+        "preprocess": to_dict(opened.settings),
+        "postprocess": to_dict(opened.gate),
+        "source_run": {
+            "path": str(opened.run_dir.resolve()),
+            "model": opened.model_path.name,
+            "model_sha256": _sha256(opened.model_path),
+        },
+        "calibration": calibration_note,
+        "versions": export_versions(fmt),
+        "parity": parity.to_dict(),
+    }
+
+
 def export_run(
     run: str | os.PathLike[str] | None,
     fmt: str,
@@ -181,106 +277,21 @@ def export_run(
         OutputError: ``out`` exists (without ``overwrite``) or cannot be written.
         PneumoError: the export failed its parity check (nothing is left behind).
     """
-    from pneumo_cli.training.runs import load_run_config, resolve_run
+    from pneumo_cli.inference.predictor import open_run_for_inference
+    from pneumo_cli.model.saving import load_model
+    from pneumo_cli.training.runs import resolve_run
 
     check_request(fmt, quantize)
     say = notify or (lambda message: None)
     started = time.perf_counter()
-    run_dir = resolve_run(run)
-    config = load_run_config(run_dir)
-    missing = [key for key in ("preprocess", "input_scaling", "image_size") if key not in config]
-    if missing:
-        raise ConfigError(f"{run_dir}/config.json lacks {', '.join(missing)}; retrain the run")
-    settings = from_dict(PreprocessConfig, config["preprocess"], f"{run_dir}/config.json")
-    model_path = run_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise InputError(
-            f"{run_dir} has no {MODEL_FILE}: was it written by `pneumo train` "
-            "(a run stopped before its first epoch has no model)?"
-        )
+    opened = open_run_for_inference(resolve_run(run))
+    run_dir = opened.run_dir
     out = Path(out) if out is not None else default_out(run_dir, fmt, quantize)
     _check_out(out, overwrite, run_dir)
-    gate_path = run_dir / POSTPROCESS_FILE
-    gate = load_gate(gate_path) if gate_path.is_file() else Gate()
-
-    from pneumo_cli.export import backends as export_backends
-    from pneumo_cli.model.saving import load_model
-
-    size, scaling = settings.image_size, config["input_scaling"]
-    say(f"loading {model_path}")
-    model = load_model(model_path)
-    images, inputs = parity_images(config, size)
-    keras_forward = export_backends.serving_function(model, scaling, size)
-    reference = run_in_batches(lambda batch: keras_forward(batch)[OUTPUT_NAME].numpy(), images)
-    calibration, calibration_note = (None, None)
-    if quantize == "int8":
-        calibration, calibration_note = calibration_images(config, size)
-
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out.parent}: {describe_os_error(exc)}") from None
-    scratch = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        scratch.mkdir()
-        label = fmt + (f" ({quantize})" if quantize else "")
-        say(f"converting to {label}")
-        written = export_backends.write_export(
-            model, fmt, scaling, size, scratch, quantize, calibration
-        )
-        say(f"checking parity on {inputs}")
-        exported = run_in_batches(load_runner(fmt, written), images)
-        tolerance = TOLERANCES[quantize or "float32"]
-        area_scale = area_scale_for(PARITY_ORIGINAL_HW, (size, size))
-        parity = compare_probabilities(reference, exported, gate, tolerance, inputs, area_scale)
-        if not parity.passed:
-            raise PneumoError(
-                f"{label} export of {run_dir} failed its parity check against Keras on {inputs}: "
-                f"{'; '.join(parity.failures)}; nothing was written"
-            )
-        manifest = {
-            "pneumo_version": __version__,
-            "format": fmt,
-            "quantize": quantize,
-            "model_file": written.name,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "input": {
-                "name": INPUT_NAME,
-                "shape": [None, size, size, 1],
-                "dtype": "float32",
-                "range": "grey pixel values 0..255 of the prepared (cropped, CLAHE, resized) image",
-                "scaling_in_graph": scaling,
-            },
-            "output": {
-                "name": OUTPUT_NAME,
-                "shape": [None, size, size, 1],
-                "dtype": "float32",
-                "range": "pneumothorax probability 0..1 per pixel",
-            },
-            "image_size": size,
-            "input_scaling": scaling,
-            "encoder": config.get("encoder"),
-            "preprocess": to_dict(settings),
-            "postprocess": to_dict(gate),
-            "source_run": {
-                "path": str(run_dir.resolve()),
-                "model": MODEL_FILE,
-                "model_sha256": _sha256(model_path),
-            },
-            "calibration": calibration_note,
-            "versions": export_versions(fmt),
-            "parity": parity.to_dict(),
-        }
-        atomic_write_json(scratch / MANIFEST_FILE, manifest)
-        _check_out(out, overwrite, run_dir)  # another process may have created it meanwhile
-        _replace_folder(scratch, out)
-    except OSError as exc:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise OutputError(f"cannot write {out}: {describe_os_error(exc)}") from None
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    say(f"loading {opened.model_path}")
+    model = load_model(opened.model_path)
+    job = _ExportJob(opened, model, fmt, quantize, out, overwrite, say)
+    written, parity, calibration_note = _write_checked_export(job)
     model_out = out / written.name
     return ExportSummary(
         run=str(run_dir),

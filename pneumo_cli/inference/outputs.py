@@ -61,7 +61,7 @@ def output_row(
     return record, mask, full
 
 
-def _write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
+def write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
     if not rejected:
         path.unlink(missing_ok=True)
         return

@@ -35,20 +35,20 @@ from pneumo_cli.core.files import (
     write_mask_png,
     write_png,
 )
-from pneumo_cli.core.progress import ProgressFn
+from pneumo_cli.core.progress import ProgressFactory, ProgressFn, stage
 from pneumo_cli.inference.outputs import (
     PREDICTIONS_FILE,
     REJECTED_FILE,
-    _write_rejected,
     output_row,
     write_predictions,
+    write_rejected,
 )
 from pneumo_cli.inference.postprocess import Gate
 from pneumo_cli.inference.predictor import check_cache_matches, open_predictor
 from pneumo_cli.inference.sources import (
     Item,
     Rejected,
-    _batches,
+    batches,
     cache_sources,
     file_loader,
     file_sources,
@@ -80,7 +80,7 @@ def predict_items(
     batch_size: int,
 ) -> Iterator[tuple[Item, np.ndarray] | Rejected]:
     """Run the network over prepared items in batches; errors pass through in order."""
-    for batch in _batches(items, batch_size):
+    for batch in batches(items, batch_size):
         good = [item for item in batch if isinstance(item, Item)]
         probs = predictor.probabilities(np.stack([i.image for i in good])) if good else []
         results = iter(zip(good, probs, strict=True))
@@ -88,7 +88,7 @@ def predict_items(
             yield next(results) if isinstance(item, Item) else item
 
 
-def run_predict(
+def predict_sources(
     predictor: Any,
     sources: Sequence[tuple[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -189,7 +189,7 @@ def run_predict(
     summary.images_per_second = round(summary.predicted / elapsed, 2) if summary.predicted else 0.0
     summary.rejected = len(rejected)
     summary.positive = sum(r["has_pneumothorax"] for r in records.values())
-    _write_rejected(out / REJECTED_FILE, rejected)
+    write_rejected(out / REJECTED_FILE, rejected)
     write_predictions(out, [records[k] for k in sorted(records)])
     summary.predictions_csv = str(out / PREDICTIONS_FILE)
     return summary
@@ -211,7 +211,7 @@ def _ordered_map(
         yield result
 
 
-def predict(
+def predict_inputs(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     run: str | os.PathLike[str] | None,
@@ -225,25 +225,24 @@ def predict(
     overwrite: bool = False,
     batch_size: int = 8,
     workers: int | None = None,
-    progress_factory: Any = None,
+    progress: ProgressFactory | None = None,
 ) -> PredictSummary:
     """`pneumo predict`: files/folders of X-rays, or one split of a cache, through a run or
     through an exported model (``model``: a folder written by `pneumo export`, or its model).
 
-    ``gate_overrides`` replaces the run's gate values that are not None. ``progress_factory(total)``
-    returns a context manager yielding ``advance(n)`` (see ``console.progress_bar``).
+    ``gate_overrides`` replaces the run's gate values that are not None. Progress is reported
+    per image (:mod:`pneumo_cli.core.progress`).
 
     Raises:
         PneumoError: no run, unreadable model or export, no inputs, a cache that does not fit
             the run, an output folder inside an input folder, or bad gate values.
     """
-    import contextlib
     import dataclasses
 
     from pneumo_cli.io.xrays import collect_xray_files
 
     if bool(inputs) == (cache is not None):
-        raise ConfigError("give either INPUT files/folders or --cache CACHE --split SPLIT")
+        raise ConfigError("give INPUT files/folders or --cache CACHE (exactly one of the two)")
     predictor = open_predictor(run, model, tta)
     overrides = {k: v for k, v in (gate_overrides or {}).items() if v is not None}
     gate = dataclasses.replace(predictor.gate, **overrides)
@@ -259,9 +258,8 @@ def predict(
         sources, rejected = file_sources(collect_xray_files(inputs))
         load = file_loader(predictor.settings)
         protect = [p for p in inputs if Path(p).is_dir()]
-    factory = progress_factory or (lambda total: contextlib.nullcontext(None))
-    with factory(len(sources) + len(rejected)) as advance:
-        return run_predict(
+    with stage(progress, "predicting", len(sources) + len(rejected)) as advance:
+        return predict_sources(
             predictor,
             sources,
             out_dir,

@@ -14,7 +14,6 @@ from pneumo_cli.core.config import PreprocessConfig, from_dict
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.inference.postprocess import POSTPROCESS_FILE, Gate, load_gate
 
-MODEL_FILE = "best.keras"
 # Preprocessing settings that change the pixels the network sees; a cache used for prediction
 # must agree with the run's training cache on all of them.
 PIXEL_SETTINGS = (
@@ -56,19 +55,36 @@ class Predictor:
         return self._forward(images).numpy()
 
 
-def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predictor:
-    """Load a run's model, preprocessing settings and gate (``postprocess.json`` if present).
+@dataclass(frozen=True)
+class RunForInference:
+    """What inference needs from a run folder, checked: its recorded preprocessing, the input
+    scaling of its encoder, its best model file and its post-processing gate."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    settings: PreprocessConfig
+    input_scaling: str
+    model_path: Path
+    gate: Gate
+
+    @property
+    def image_size(self) -> int:
+        return self.settings.image_size
+
+
+def open_run_for_inference(run_dir: str | os.PathLike[str]) -> RunForInference:
+    """Check and read a run folder for predict, evaluate and export (the model is not loaded).
+
+    The gate is ``postprocess.json`` when ``evaluate --tune`` wrote one, else the default.
 
     Raises:
-        ConfigError: not a run, unknown TTA, or a config without the settings inference needs.
-        InputError: the run has no readable ``best.keras``.
+        ConfigError: not a run, or a config without the settings inference needs.
+        InputError: the run has no ``best.keras`` (for example a run stopped before its first
+            epoch ended).
     """
-    from pneumo_cli.engine.tf import import_tf
-    from pneumo_cli.model.encoders import SCALINGS, scale_input
-    from pneumo_cli.model.saving import load_model
-    from pneumo_cli.training.runs import load_run_config
+    from pneumo_cli.model.encoders import SCALINGS
+    from pneumo_cli.training.runs import BEST_MODEL_FILE, load_run_config
 
-    check_choice(Tta, tta, "--tta")
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     missing = [key for key in ("preprocess", "input_scaling", "image_size") if key not in config]
@@ -80,15 +96,35 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
             f"{run_dir}/config.json: unknown input_scaling {config['input_scaling']!r}; "
             f"expected one of {', '.join(SCALINGS)}"
         )
-    model_path = run_dir / MODEL_FILE
+    model_path = run_dir / BEST_MODEL_FILE
     if not model_path.is_file():
-        raise InputError(f"{run_dir} has no {MODEL_FILE}: was it written by `pneumo train`?")
-    model = load_model(model_path)
+        raise InputError(
+            f"{run_dir} has no {BEST_MODEL_FILE}: was it written by `pneumo train` (a run "
+            "stopped before its first epoch has no model)?"
+        )
     gate_path = run_dir / POSTPROCESS_FILE
     gate = load_gate(gate_path) if gate_path.is_file() else Gate()
+    return RunForInference(run_dir, config, settings, config["input_scaling"], model_path, gate)
+
+
+def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predictor:
+    """Load a run (:func:`open_run_for_inference`) and compile its network for inference.
+
+    Raises:
+        ConfigError: not a run, unknown TTA, or a config without the settings inference needs.
+        InputError: the run has no readable ``best.keras``.
+    """
+    from pneumo_cli.engine.tf import import_tf
+    from pneumo_cli.model.encoders import scale_input
+    from pneumo_cli.model.saving import load_model
+
+    check_choice(Tta, tta, "--tta")
+    opened = open_run_for_inference(run_dir)
+    model = load_model(opened.model_path)
+    config, settings, gate = opened.config, opened.settings, opened.gate
 
     tf = import_tf()
-    size, scaling = settings.image_size, config["input_scaling"]
+    size, scaling = settings.image_size, opened.input_scaling
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8)])
     def forward(images: Any) -> Any:
@@ -99,7 +135,7 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
             probs = (probs + tf.reverse(mirrored[..., 0], axis=[2])) / 2.0
         return probs
 
-    return Predictor(run_dir, config, settings, gate, tta, forward)
+    return Predictor(opened.run_dir, config, settings, gate, tta, forward)
 
 
 def check_cache_matches(cache_settings: PreprocessConfig, run: Any, cache: Path) -> None:

@@ -34,7 +34,7 @@ class Rejected:
     reason: str
 
 
-def _batches(items: Iterator[Item | Rejected], size: int) -> Iterator[list[Item | Rejected]]:
+def batches(items: Iterator[Item | Rejected], size: int) -> Iterator[list[Item | Rejected]]:
     batch: list[Item | Rejected] = []
     for item in items:
         batch.append(item)

@@ -12,7 +12,7 @@ from pneumo_cli.core.errors import DicomError
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
-def _decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
+def decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
     """Decode a one-frame, one-sample, 8-bit JPEG Baseline image with OpenCV; None otherwise.
 
     Baseline decoders may differ by one grey level from each other (the JPEG standard allows it);
@@ -23,8 +23,8 @@ def _decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
     syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
     if (
         syntax != JPEG_BASELINE
-        or (_int_or_none(ds.get("SamplesPerPixel")) or 1) != 1
-        or (_int_or_none(ds.get("BitsAllocated")) or 8) != 8
+        or (int_or_none(ds.get("SamplesPerPixel")) or 1) != 1
+        or (int_or_none(ds.get("BitsAllocated")) or 8) != 8
     ):
         return None
     import cv2
@@ -37,7 +37,7 @@ def _decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
             f"{path}: JPEG pixel data is truncated or corrupt (it does not decode completely); "
             "re-export the file from the archive"
         )
-    expected = (_int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns")))
+    expected = (int_or_none(ds.get("Rows")), int_or_none(ds.get("Columns")))
     if pixels.ndim != 2 or pixels.dtype != np.uint8 or pixels.shape != expected:
         raise DicomError(
             f"{path}: JPEG pixel data has shape {pixels.shape} but the header says "
@@ -46,8 +46,8 @@ def _decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
     return pixels
 
 
-def _to_grey_uint8(ds: Any, pixels: np.ndarray, photometric: str, path: Path) -> np.ndarray:
-    samples = _int_or_none(ds.get("SamplesPerPixel")) or 1
+def to_grey_uint8(ds: Any, pixels: np.ndarray, photometric: str, path: Path) -> np.ndarray:
+    samples = int_or_none(ds.get("SamplesPerPixel")) or 1
     if pixels.ndim == 3 and samples == 1:
         # pydicom gives (frames, H, W) when NumberOfFrames is absent but data holds more frames.
         raise DicomError(f"{path}: pixel data holds {pixels.shape[0]} frames; one is expected")
@@ -60,9 +60,9 @@ def _to_grey_uint8(ds: Any, pixels: np.ndarray, photometric: str, path: Path) ->
         )
     if pixels.ndim != 2 or min(pixels.shape) == 0:
         raise DicomError(f"{path}: pixel data has shape {pixels.shape}, expected (rows, columns)")
-    bits_stored = _int_or_none(ds.get("BitsStored")) or 8
-    slope = _float_or_none(ds.get("RescaleSlope"))
-    intercept = _float_or_none(ds.get("RescaleIntercept"))
+    bits_stored = int_or_none(ds.get("BitsStored")) or 8
+    slope = float_or_none(ds.get("RescaleSlope"))
+    intercept = float_or_none(ds.get("RescaleIntercept"))
     rescaled = (slope not in (None, 1.0)) or (intercept not in (None, 0.0))
     if pixels.dtype == np.uint8 and bits_stored <= 8 and not rescaled:
         image = pixels
@@ -93,8 +93,8 @@ def _window_to_uint8(
 ) -> np.ndarray:
     values = pixels.astype(np.float64) * (1.0 if slope is None else slope)
     values += 0.0 if intercept is None else intercept
-    center = _first_float(ds.get("WindowCenter"))
-    width = _first_float(ds.get("WindowWidth"))
+    center = first_float(ds.get("WindowCenter"))
+    width = first_float(ds.get("WindowWidth"))
     if center is not None and width is not None and width >= 1:
         # DICOM PS3.3 C.11.2.1.2.1 linear window function, output range 0..255.
         scaled = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0
@@ -112,15 +112,15 @@ def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def _first_float(value: Any) -> float | None:
+def first_float(value: Any) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         value = value[0] if len(value) else None
-    return _float_or_none(value)
+    return float_or_none(value)
 
 
-def _float_or_none(value: Any) -> float | None:
+def float_or_none(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
@@ -130,6 +130,6 @@ def _float_or_none(value: Any) -> float | None:
     return number if np.isfinite(number) else None
 
 
-def _int_or_none(value: Any) -> int | None:
-    number = _float_or_none(value)
+def int_or_none(value: Any) -> int | None:
+    number = float_or_none(value)
     return None if number is None else int(number)

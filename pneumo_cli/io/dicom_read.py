@@ -34,10 +34,10 @@ import numpy as np
 from pneumo_cli.core.errors import DicomError, InputError
 from pneumo_cli.core.files import read_grey_png
 from pneumo_cli.io.dicom_pixels import (
-    _decode_grey_baseline,
-    _first_float,
-    _int_or_none,
-    _to_grey_uint8,
+    decode_grey_baseline,
+    first_float,
+    int_or_none,
+    to_grey_uint8,
 )
 from pneumo_cli.io.xrays import DICOM_SUFFIXES, RASTER_SUFFIXES, has_dicom_preamble, image_id_of
 
@@ -143,8 +143,8 @@ def read_header(path: str | os.PathLike[str]) -> XRayHeader:
         warnings.simplefilter("ignore")
         ds = _open_dataset(path, stop_before_pixels=True)
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-        rows = _int_or_none(ds.get("Rows"))
-        cols = _int_or_none(ds.get("Columns"))
+        rows = int_or_none(ds.get("Rows"))
+        cols = int_or_none(ds.get("Columns"))
     if not rows or not cols:
         if not has_dicom_preamble(path) and "Rows" not in ds:
             raise DicomError(f"{path}: not a DICOM file (no DICM preamble, no image header)")
@@ -194,7 +194,7 @@ def _read_dicom(path: Path, salt: str) -> XRay:
             raise DicomError(
                 f"{path}: DICOM has no pixel data (truncated file, or a report, not an image)"
             )
-        frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+        frames = int_or_none(ds.get("NumberOfFrames")) or 1
         if frames > 1:
             raise DicomError(
                 f"{path}: multi-frame DICOM ({frames} frames); pneumo needs one 2-D radiograph "
@@ -202,14 +202,14 @@ def _read_dicom(path: Path, salt: str) -> XRay:
             )
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
         try:
-            pixels = _decode_grey_baseline(ds, path)
+            pixels = decode_grey_baseline(ds, path)
             if pixels is None:
                 pixels = ds.pixel_array
         except DicomError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many unrelated types
             raise DicomError(f"{path}: pixel data cannot be decoded ({_short(exc)})") from None
-        image = _to_grey_uint8(ds, pixels, photometric, path)
+        image = to_grey_uint8(ds, pixels, photometric, path)
         meta = _dicom_meta(ds, photometric, image.shape, salt)
     return XRay(image=image, image_id=image_id_of(path), meta=meta)
 
@@ -248,13 +248,13 @@ def _short(exc: BaseException) -> str:
 def _dicom_meta(ds: Any, photometric: str, shape: tuple[int, ...], salt: str) -> dict[str, Any]:
     meta = _empty_meta()
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    spacing_mm = _first_float(spacing)
+    spacing_mm = first_float(spacing)
     meta["pixel_spacing_mm"] = None if spacing_mm is None else round(spacing_mm, 6)
     meta["view_position"] = str(ds.get("ViewPosition", "") or "").strip().upper()
     meta["sex"] = str(ds.get("PatientSex", "") or "").strip().upper()
     meta["age"] = _parse_age(ds.get("PatientAge"))
     meta["photometric"] = photometric
-    meta["bits_stored"] = _int_or_none(ds.get("BitsStored"))
+    meta["bits_stored"] = int_or_none(ds.get("BitsStored"))
     meta["rows"], meta["cols"] = int(shape[0]), int(shape[1])
     meta["patient_key"] = patient_key_of(str(ds.get("PatientID", "") or ""), salt)
     return meta

@@ -25,7 +25,7 @@ from pneumo_cli.core.files import (
     remove_stale_temporaries,
     write_mask_png,
 )
-from pneumo_cli.core.progress import ProgressFn
+from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.io import rle
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
@@ -101,7 +101,7 @@ def decode_csv(
     overwrite: bool = False,
     skip_invalid: bool = False,
     workers: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFactory | None = None,
 ) -> DecodeSummary:
     """Decode an RLE CSV into ``out_dir/<ImageId>.png`` masks (0/255, height x width).
 
@@ -151,14 +151,16 @@ def decode_csv(
         return True
 
     threads = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=threads) as pool,
+        stage(progress, "decoding masks", len(groups)) as advance,
+    ):
         for wrote in pool.map(write_one, groups.items()):
             if wrote:
                 summary.written += 1
             else:
                 summary.skipped_existing += 1
-            if progress:
-                progress(1)
+            advance(1)
     if skip_invalid:
         write_rejections(folder / REJECTED_FILE, rejections)
     return summary
@@ -196,7 +198,7 @@ def encode_folder(
     threshold: int = 0,
     overwrite: bool = False,
     workers: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressFactory | None = None,
 ) -> EncodeSummary:
     """Encode every mask image in ``mask_dir`` into a Kaggle-style ``ImageId,EncodedPixels`` CSV.
 
@@ -233,7 +235,10 @@ def encode_folder(
     results: list[tuple[str, tuple[int, int], str]] = []
     first: tuple[Path, tuple[int, int]] | None = None
     threads = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with (
+        ThreadPoolExecutor(max_workers=threads) as pool,
+        stage(progress, "encoding masks", len(paths)) as advance,
+    ):
         for path, (image_id, shape, encoded) in zip(
             paths, pool.map(encode_one, paths), strict=True
         ):
@@ -245,8 +250,7 @@ def encode_folder(
                     f"{first[1][1]}x{first[1][0]}; all masks in one call must have one size"
                 )
             results.append((image_id, shape, encoded))
-            if progress:
-                progress(1)
+            advance(1)
     results.sort(key=lambda item: item[0])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

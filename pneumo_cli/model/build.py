@@ -102,7 +102,7 @@ def _segmentation_models_unet(encoder: str, image_size: int) -> Any:
 
 def _refuse_code_layers(unet: Any, encoder: str) -> None:
     """Refuse a network holding Lambda layers: pneumo never loads a model file with code."""
-    code = [layer.name for layer in unet.layers if type(layer).__name__ in _CODE_LAYERS]
+    code = [layer.name for layer in unet.layers if type(layer).__name__ in CODE_LAYER_TYPES]
     if code:
         raise ConfigError(
             f"encoder '{encoder}' cannot be used: its U-Net contains Lambda layers "
@@ -184,4 +184,4 @@ def _layer_dtype_name(layer: Any) -> str:
 
 
 # Layers that hold Python code (bytecode or a Python callable) or call arbitrary TF ops.
-_CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda", "__lambda__")
+CODE_LAYER_TYPES = ("Lambda", "TFOpLambda", "SlicingOpLambda", "__lambda__")

@@ -11,7 +11,7 @@ import numpy as np
 
 from pneumo_cli.core.errors import InputError
 from pneumo_cli.engine.tf import import_sm, import_tf
-from pneumo_cli.model.build import _CODE_LAYERS, INPUT_NORM_LAYER, float32_copy
+from pneumo_cli.model.build import CODE_LAYER_TYPES, INPUT_NORM_LAYER, float32_copy
 
 
 def weights_sha256(model: Any) -> str:
@@ -78,7 +78,7 @@ def _code_in_model_config(node: Any, layer: str = "model") -> str | None:
     if isinstance(inner, dict) and isinstance(inner.get("name"), str):
         layer = inner["name"]
     class_name, module = node.get("class_name"), node.get("module")
-    if class_name in _CODE_LAYERS or "function_type" in node:
+    if class_name in CODE_LAYER_TYPES or "function_type" in node:
         return f"its layer '{layer}' is a {str(class_name).strip('_')} layer, which holds code"
     if module is not None and (
         not isinstance(module, str) or module.split(".")[0] not in _TRUSTED_MODULES

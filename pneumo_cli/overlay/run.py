@@ -34,7 +34,7 @@ from pneumo_cli.core.files import (
     remove_stale_temporaries,
 )
 from pneumo_cli.core.metrics import dice_score
-from pneumo_cli.core.progress import ProgressFn
+from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.io import dicom_read, rle, xrays
 from pneumo_cli.overlay.render import encode_picture, format_title, render_panels
 
@@ -177,7 +177,7 @@ def run_overlay(
     fmt: str = "png",
     max_size: int | None = None,
     overwrite: bool = False,
-    progress: ProgressFn | None = None,
+    progress: ProgressFactory | None = None,
 ) -> OverlaySummary:
     """Write ``out_dir/<ImageId>.<fmt>`` for every input image that has a mask in ``masks_dir``.
 
@@ -205,24 +205,26 @@ def run_overlay(
     summary = OverlaySummary(out_dir=str(out))
     job = _Job(masks_dir, truth_dir, rle_csv, truth_rows, fmt, max_size)
     seen: dict[str, Path] = {}
-    for path in files:
-        try:
-            image_id = image_id_of(path)
-            if image_id in seen:
-                raise InputError(f"{path}: duplicate ImageId '{image_id}' (also {seen[image_id]})")
-            seen[image_id] = path
-            target = out / f"{image_id}.{fmt}"
-            if target.exists() and not overwrite:
-                summary.skipped += 1
-            else:
-                summary.results.append(_overlay_one(job, path, image_id, target))
-                summary.written += 1
-        except InputError as exc:
-            # The path has its own column in rejected.csv; keep the reason short.
-            reason = " ".join(str(exc).split()).removeprefix(f"{path}: ")
-            summary.rejected.append((str(path), reason))
-        if progress is not None:
-            progress(1)
+    with stage(progress, "overlay", len(files)) as advance:
+        for path in files:
+            try:
+                image_id = image_id_of(path)
+                if image_id in seen:
+                    raise InputError(
+                        f"{path}: duplicate ImageId '{image_id}' (also {seen[image_id]})"
+                    )
+                seen[image_id] = path
+                target = out / f"{image_id}.{fmt}"
+                if target.exists() and not overwrite:
+                    summary.skipped += 1
+                else:
+                    summary.results.append(_overlay_one(job, path, image_id, target))
+                    summary.written += 1
+            except InputError as exc:
+                # The path has its own column in rejected.csv; keep the reason short.
+                reason = " ".join(str(exc).split()).removeprefix(f"{path}: ")
+                summary.rejected.append((str(path), reason))
+            advance(1)
     _finish(summary, out)
     return summary
 

@@ -22,8 +22,8 @@ from pneumo_cli.training.distribute import (
     Placement,
 )
 from pneumo_cli.training.settings import TrainReporter, TrainResult
-from pneumo_cli.training.setup import _load_data
-from pneumo_cli.training.state import STATE_DIR, STATE_FILE, _remove_old_checkpoints
+from pneumo_cli.training.setup import load_training_data
+from pneumo_cli.training.state import STATE_DIR, STATE_FILE, remove_old_checkpoints
 
 
 def _better(value: float, best: float | None) -> bool:
@@ -71,7 +71,7 @@ class _Recorder:
         if _better(row["val_dice"], state["best_val_dice"]):
             state.update(best_epoch=epoch + 1, best_val_dice=row["val_dice"], since_best=0)
             state["plateau_wait"] = 0
-            saving.save_model(self.net, self.run_dir / "best.keras")
+            saving.save_model(self.net, self.run_dir / runs.BEST_MODEL_FILE)
         else:
             state["since_best"] += 1
             state["plateau_wait"] += 1
@@ -95,7 +95,7 @@ class _Recorder:
     def save_state(self, status: str) -> None:
         """Write last.keras, the optimizer checkpoint, history, curves, then state.json."""
         tf = tf_engine.import_tf()
-        saving.save_model(self.net, self.run_dir / "last.keras")
+        saving.save_model(self.net, self.run_dir / runs.LAST_MODEL_FILE)
         prefix = f"{STATE_DIR}/epoch-{self.state['epoch']:04d}"
         checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer)
         checkpoint.write(str(self.run_dir / prefix))
@@ -104,7 +104,7 @@ class _Recorder:
             runs.plot_curves(self.run_dir, self.history)
         self.state.update(checkpoint=prefix, status=status)
         atomic_write_json(self.run_dir / STATE_FILE, self.state)
-        _remove_old_checkpoints(self.run_dir, prefix)
+        remove_old_checkpoints(self.run_dir, prefix)
         self.write_summary()
 
     def write_summary(self, weights_sha256: str | None = None) -> TrainResult:
@@ -158,7 +158,7 @@ def _keras_callback(recorder: _Recorder) -> Any:
     return _Bridge()
 
 
-def _fit(
+def fit_run(
     run_dir: Path,
     config: TrainConfig,
     scaling: str,
@@ -170,7 +170,7 @@ def _fit(
     reporter: TrainReporter,
 ) -> TrainResult:
     tf = tf_engine.import_tf()
-    cache, train_records, val_records = _load_data(config)
+    cache, train_records, val_records = load_training_data(config)
     global_batch = config.batch_size * placement.replicas
     steps = config.steps_per_epoch or max(1, math.ceil(len(train_records) / global_batch))
 

@@ -15,7 +15,7 @@ from pneumo_cli.training.distribute import (
     make_multi_worker_strategy,
     make_strategy,
 )
-from pneumo_cli.training.fit import _fit
+from pneumo_cli.training.fit import fit_run
 from pneumo_cli.training.settings import (
     SilentReporter,
     TrainConfig,
@@ -23,14 +23,14 @@ from pneumo_cli.training.settings import (
     TrainResult,
     config_from_run,
 )
-from pneumo_cli.training.setup import _compile, _load_data, _output_dir
+from pneumo_cli.training.setup import compile_model, load_training_data, output_dir_for
 from pneumo_cli.training.state import (
     FINISHED,
     STATE_FILE,
-    _first_state,
-    _read_state,
-    _remove_leftovers,
-    _remove_stale_results,
+    first_state,
+    read_state,
+    remove_leftovers,
+    remove_stale_results,
 )
 
 
@@ -66,7 +66,7 @@ def resume_training(
     config = _config_to_resume(saved, run_dir / runs.CONFIG_FILE)
     # No state.json: the run was stopped before its first epoch ended. Its config.json holds
     # every setting, so it starts again from epoch 0 exactly as `pneumo train` started it.
-    state = _read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
+    state = read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
     if state is not None and state["status"] in FINISHED:
         raise ConfigError(
             f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
@@ -74,7 +74,7 @@ def resume_training(
         )
     if gpus is not None:
         config = dataclasses.replace(config, gpus=gpus)
-    cache, _, _ = _load_data(config)
+    cache, _, _ = load_training_data(config)
     if cache.manifest_sha256 != saved.get("cache_manifest_sha256"):
         raise ConfigError(
             f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
@@ -87,7 +87,7 @@ def resume_training(
             f"{run_dir} trained in fp16, which needs a GPU, and this machine trains on the CPU"
         )
     if placement.is_chief:
-        _remove_leftovers(run_dir, state["checkpoint"] if state else None)
+        remove_leftovers(run_dir, state["checkpoint"] if state else None)
     tf = tf_engine.import_tf()
     if state is None:
         tf.keras.utils.set_random_seed(config.seed)  # initial decoder weights, as train did
@@ -101,14 +101,14 @@ def resume_training(
             notify=reporter.note,
             input_norm=config.input_norm,
         )
-        optimizer = _compile(net, config, placement.replicas)
+        optimizer = compile_model(net, config, placement.replicas)
         if state is not None:
             checkpoint = tf.train.Checkpoint(model=net, optimizer=optimizer)
             checkpoint.read(str(run_dir / state["checkpoint"])).assert_existing_objects_matched()
     if state is None:
-        state, history = _first_state(), []
+        state, history = first_state(), []
         if placement.is_chief:
-            _remove_stale_results(run_dir)
+            remove_stale_results(run_dir)
         reporter.note(
             f"{run_dir} stopped before its first epoch ended; starting it again from epoch 1 "
             f"on {placement.description}"
@@ -119,10 +119,12 @@ def resume_training(
             f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}"
         )
     scaling = saved["input_scaling"]
-    with _output_dir(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
+    with output_dir_for(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
         if placement.is_chief:
             runs.mark_latest(run_dir)
-        return _fit(out_dir, config, scaling, placement, net, optimizer, state, history, reporter)
+        return fit_run(
+            out_dir, config, scaling, placement, net, optimizer, state, history, reporter
+        )
 
 
 def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:

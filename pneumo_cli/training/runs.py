@@ -21,6 +21,9 @@ from pneumo_cli.core.files import TEMP_PREFIX, atomic_write_text, describe_os_er
 DEFAULT_RUNS_DIR = Path("runs")
 LATEST = "latest"
 CONFIG_FILE = "config.json"
+# The checkpoint with the best validation Dice (what every later command uses) and the last one.
+BEST_MODEL_FILE = "best.keras"
+LAST_MODEL_FILE = "last.keras"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

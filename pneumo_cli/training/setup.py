@@ -22,7 +22,7 @@ from pneumo_cli.training.distribute import (
 from pneumo_cli.training.settings import TrainReporter
 
 
-def _load_data(config: TrainConfig) -> tuple[data_cache.CacheInfo, list, list]:
+def load_training_data(config: TrainConfig) -> tuple[data_cache.CacheInfo, list, list]:
     cache = data_cache.read_cache(config.cache)
     if config.image_size is not None and config.image_size != cache.image_size:
         raise ConfigError(
@@ -39,7 +39,7 @@ def effective_lr(config: TrainConfig, replicas: int) -> float:
     return config.lr * replicas if config.scale_lr else config.lr
 
 
-def _compile(net: Any, config: TrainConfig, replicas: int) -> Any:
+def compile_model(net: Any, config: TrainConfig, replicas: int) -> Any:
     tf = tf_engine.import_tf()
     from pneumo_cli.model.fastpaths import FusedAdam
 
@@ -56,7 +56,7 @@ def _compile(net: Any, config: TrainConfig, replicas: int) -> Any:
     return optimizer
 
 
-def _resolve_precision(requested: str, placement: Placement) -> tuple[str, str]:
+def resolve_precision(requested: str, placement: Placement) -> tuple[str, str]:
     tf = tf_engine.import_tf()
     names = []
     if placement.gpus:
@@ -67,7 +67,7 @@ def _resolve_precision(requested: str, placement: Placement) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _output_dir(
+def output_dir_for(
     placement: Placement,
     runs_dir: str | Path,
     name: str | None,

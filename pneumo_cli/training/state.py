@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.core.files import TEMP_PREFIX, remove_stale_temporaries
+from pneumo_cli.core.locks import pid_alive
 from pneumo_cli.training import runs
 
 STATE_FILE = "state.json"
@@ -19,7 +19,7 @@ STATE_DIR = "state"
 FINISHED = ("completed", "early_stopped")
 
 
-def _first_state() -> dict[str, Any]:
+def first_state() -> dict[str, Any]:
     """The training state of a run before its first epoch."""
     return {
         "epoch": 0,
@@ -31,7 +31,7 @@ def _first_state() -> dict[str, Any]:
     }
 
 
-def _remove_stale_results(run_dir: Path) -> None:
+def remove_stale_results(run_dir: Path) -> None:
     """Delete what an earlier start of the run wrote that a fresh start must not inherit."""
     for stale in (STATE_FILE, runs.HISTORY_FILE, "summary.json"):
         with contextlib.suppress(FileNotFoundError):
@@ -44,7 +44,7 @@ _CHECKPOINT_ENTRY = re.compile(r"^epoch-\d{4}[._]")
 _LATEST_TEMPORARY = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-{runs.LATEST}$")
 
 
-def _remove_leftovers(run_dir: Path, keep: str | None) -> None:
+def remove_leftovers(run_dir: Path, keep: str | None) -> None:
     """Delete what a killed run left: pneumo's temporary files in the run folder, the
     ``latest`` pointer temporaries of dead processes in the runs folder, and every checkpoint
     file or folder under ``state/`` other than those of the checkpoint ``keep`` (a prefix such
@@ -53,13 +53,13 @@ def _remove_leftovers(run_dir: Path, keep: str | None) -> None:
     remove_stale_temporaries(run_dir)
     for pointer in run_dir.parent.glob(f"{TEMP_PREFIX}*-{runs.LATEST}"):
         found = _LATEST_TEMPORARY.match(pointer.name)
-        if found and not _process_alive(int(found.group(1))):
+        if found and not pid_alive(int(found.group(1))):
             with contextlib.suppress(OSError):
                 pointer.unlink()
-    _remove_old_checkpoints(run_dir, keep)
+    remove_old_checkpoints(run_dir, keep)
 
 
-def _remove_old_checkpoints(run_dir: Path, keep: str | None) -> None:
+def remove_old_checkpoints(run_dir: Path, keep: str | None) -> None:
     kept = Path(keep).name + "." if keep else None
     folder = run_dir / STATE_DIR
     if not folder.is_dir():
@@ -74,21 +74,11 @@ def _remove_old_checkpoints(run_dir: Path, keep: str | None) -> None:
                 entry.unlink()
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # someone else's process, or not ours to judge: leave its file alone
-    return True
-
-
 _CHECKPOINT = re.compile(rf"^{STATE_DIR}/epoch-\d{{4}}$")
 _STATUSES = ("running", "interrupted", *FINISHED)
 
 
-def _read_state(run_dir: Path) -> dict[str, Any]:
+def read_state(run_dir: Path) -> dict[str, Any]:
     """The training state saved after the last finished epoch (``state.json``), checked.
 
     Raises:

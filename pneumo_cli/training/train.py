@@ -1,6 +1,6 @@
 """Training the U-Net on a cache: `pneumo train` as a library function.
 
-:func:`train` starts a run and :func:`resume_training` continues one; both end in :func:`_fit`,
+:func:`train` starts a run and :func:`resume_training` continues one; both end in :func:`fit_run`,
 which runs Keras ``fit`` under the strategy :mod:`pneumo_cli.distribute` chose and records every
 epoch in the run folder (history, last/best model, optimizer checkpoint, curves, summary).
 Validation reports the SIIM per-image Dice (:mod:`pneumo_cli.losses`), which also drives model
@@ -28,7 +28,7 @@ from pneumo_cli.training.distribute import (
     make_multi_worker_strategy,
     make_strategy,
 )
-from pneumo_cli.training.fit import _fit
+from pneumo_cli.training.fit import fit_run
 from pneumo_cli.training.settings import (
     SilentReporter,
     TrainConfig,
@@ -36,13 +36,13 @@ from pneumo_cli.training.settings import (
     TrainResult,
 )
 from pneumo_cli.training.setup import (
-    _compile,
-    _load_data,
-    _output_dir,
-    _resolve_precision,
+    compile_model,
     effective_lr,
+    load_training_data,
+    output_dir_for,
+    resolve_precision,
 )
-from pneumo_cli.training.state import _first_state, _remove_leftovers, _remove_stale_results
+from pneumo_cli.training.state import first_state, remove_leftovers, remove_stale_results
 
 
 def train_model(
@@ -74,13 +74,13 @@ def train_model(
     reporter = reporter or SilentReporter()
     # TensorFlow must create the multi-worker strategy before it runs anything else.
     placement = make_multi_worker_strategy(config.gpus) if multi_worker else None
-    cache, train_records, val_records = _load_data(config)
+    cache, train_records, val_records = load_training_data(config)
     config = dataclasses.replace(config, cache=str(cache.folder), image_size=cache.image_size)
     if placement is None or placement.is_chief:
         runs.check_run_name(runs_dir, name, exist_ok)  # before the slow model build
     if placement is None:
         placement = Placement(*make_strategy(config.gpus, cpu_replicas))
-    precision, reason = _resolve_precision(config.precision, placement)
+    precision, reason = resolve_precision(config.precision, placement)
     config = dataclasses.replace(config, precision=precision)
     strategy, replicas = placement.strategy, placement.replicas
     scaling = encoders.input_scaling_for(config.encoder)
@@ -94,8 +94,8 @@ def train_model(
             notify=reporter.note,
             input_norm=config.input_norm,
         )
-        optimizer = _compile(net, config, replicas)
-    with _output_dir(placement, runs_dir, name, exist_ok, reporter) as run_dir:
+        optimizer = compile_model(net, config, replicas)
+    with output_dir_for(placement, runs_dir, name, exist_ok, reporter) as run_dir:
         saved = {
             **to_dict(config),
             "precision_reason": reason,
@@ -114,13 +114,13 @@ def train_model(
             "pneumo_version": __version__,
         }
         atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
-        _remove_stale_results(run_dir)
+        remove_stale_results(run_dir)
         if placement.is_chief:
-            _remove_leftovers(run_dir, None)  # of a killed run this one writes over
+            remove_leftovers(run_dir, None)  # of a killed run this one writes over
             runs.mark_latest(run_dir)
         reporter.note(
             f"training {config.encoder} U-Net in {precision} ({reason}) on "
             f"{placement.description}; writing {run_dir}"
         )
-        state = _first_state()
-        return _fit(run_dir, config, scaling, placement, net, optimizer, state, [], reporter)
+        state = first_state()
+        return fit_run(run_dir, config, scaling, placement, net, optimizer, state, [], reporter)
