@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pneumo_cli.core.config import parse_pos_fraction
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.data import augment, sampling
 from pneumo_cli.data import cache as data_cache
@@ -96,15 +97,15 @@ def test_pos_fraction_oversamples_positives() -> None:
 
 
 def test_parse_pos_fraction() -> None:
-    assert sampling.parse_pos_fraction(None) is None
-    assert sampling.parse_pos_fraction("0.8") == (0.8, 0.8)
-    assert sampling.parse_pos_fraction("0.8:0.4") == (0.8, 0.4)
+    assert parse_pos_fraction(None) is None
+    assert parse_pos_fraction("0.8") == (0.8, 0.8)
+    assert parse_pos_fraction("0.8:0.4") == (0.8, 0.4)
     assert sampling.pos_fraction_at((0.8, 0.4), 0, 5) == 0.8
     assert sampling.pos_fraction_at((0.8, 0.4), 2, 5) == pytest.approx(0.6)
     assert sampling.pos_fraction_at((0.8, 0.4), 4, 5) == pytest.approx(0.4)
     for bad in ("1.5", "a", "0.1:0.2:0.3", "-0.1"):
         with pytest.raises(ConfigError, match="--pos-fraction"):
-            sampling.parse_pos_fraction(bad)
+            parse_pos_fraction(bad)
 
 
 def test_load_arrays_decodes_the_pngs_exactly(cache: Path) -> None:

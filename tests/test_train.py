@@ -160,11 +160,11 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path: Path) 
         path.write_text("x")
     stale_pointer = run.parent / f".pneumo-tmp-{dead.stdout.strip()}-latest"
     stale_pointer.symlink_to("train", target_is_directory=True)
-    state._remove_leftovers(run, "state/epoch-0002")
+    state.remove_leftovers(run, "state/epoch-0002")
     assert {path: path.exists() for path in planted} == planted
     assert not (run / "state" / "epoch-0003_temp").exists()
     assert not stale_pointer.is_symlink() and run.is_dir()
-    state._remove_leftovers(run, None)  # a fresh start keeps no checkpoint
+    state.remove_leftovers(run, None)  # a fresh start keeps no checkpoint
     assert sorted(p.name for p in (run / "state").iterdir()) == ["notes.txt"]
 
 

@@ -57,12 +57,12 @@ def bars_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@contextlib.contextmanager
 def progress_factory(quiet: bool) -> ProgressFactory:
     """The library's progress protocol (:mod:`pneumo_cli.core.progress`) drawn as Rich bars."""
     return functools.partial(progress_bar, quiet=quiet)
 
 
+@contextlib.contextmanager
 def progress_bar(description: str, total: int | None, quiet: bool = False) -> Iterator[ProgressFn]:
     """Context manager yielding ``advance(n)`` that drives a Rich bar on stderr.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -114,7 +114,7 @@ def preprocess_command(
     Re-running finishes an interrupted run and adds new images without moving old ones between
     splits; other settings are refused unless --overwrite.
     """
-    from pneumo_cli.cli.console import print_note, print_warning, progress_factory
+    from pneumo_cli.cli.console import progress_factory
     from pneumo_cli.cli.render import print_summary
     from pneumo_cli.core.config import PreprocessConfig
     from pneumo_cli.core.errors import ConfigError
@@ -152,36 +152,46 @@ def preprocess_command(
         progress=progress_factory(quiet),
     )
     if not quiet:
-        if summary.rejected:
-            print_warning(
-                f"{summary.rejected} file(s) rejected (first: {summary.rejected_examples[0][0]}: "
-                f"{summary.rejected_examples[0][1]}); see {Path(cache_dir) / 'rejected.csv'}"
-            )
-        if summary.labels_without_image:
-            shown = ", ".join(summary.labels_without_image[:3])
-            print_note(
-                f"{len(summary.labels_without_image)} labelled ImageId(s) have no image in "
-                f"{raw_dir} (e.g. {shown}); they are ignored"
-            )
-        if (rle or masks) and summary.unlabelled:
-            print_note(f"{summary.unlabelled} image(s) have no mask and are cached unlabelled")
-    values = summary.to_dict()
-    if not json_out:
-        values = {
-            "cache": summary.cache_dir,
-            "images": summary.images,
-            "processed now": summary.processed,
-            "already done": summary.reused,
-            "rejected": summary.rejected,
-            "positive": summary.positive,
-            "negative": summary.negative,
-            "unlabelled": summary.unlabelled,
-            "labels without image": len(summary.labels_without_image),
-            "train / val / test": " / ".join(str(n) for n in summary.splits.values()),
-            "seconds": summary.seconds,
-        }
-        if summary.phi_csv:
-            values["patient fields (--keep-phi)"] = summary.phi_csv
-        if summary.folds:
-            values["folds"] = ", ".join(f"{k}: {n}" for k, n in summary.folds.items())
-    print_summary("pneumo preprocess", values, json_out)
+        _notes(summary, raw_dir, cache_dir, labelled=bool(rle or masks))
+    print_summary("pneumo preprocess", summary.to_dict() if json_out else _table(summary), json_out)
+
+
+def _notes(summary: Any, raw_dir: Path, cache_dir: Path, labelled: bool) -> None:
+    """Warnings and notes on stderr about files that were left out."""
+    from pneumo_cli.cli.console import print_note, print_warning
+
+    if summary.rejected:
+        print_warning(
+            f"{summary.rejected} file(s) rejected (first: {summary.rejected_examples[0][0]}: "
+            f"{summary.rejected_examples[0][1]}); see {Path(cache_dir) / 'rejected.csv'}"
+        )
+    if summary.labels_without_image:
+        shown = ", ".join(summary.labels_without_image[:3])
+        print_note(
+            f"{len(summary.labels_without_image)} labelled ImageId(s) have no image in "
+            f"{raw_dir} (e.g. {shown}); they are ignored"
+        )
+    if labelled and summary.unlabelled:
+        print_note(f"{summary.unlabelled} image(s) have no mask and are cached unlabelled")
+
+
+def _table(summary: Any) -> dict[str, object]:
+    """The summary as table rows (the JSON output has every field)."""
+    values: dict[str, object] = {
+        "cache": summary.cache_dir,
+        "images": summary.images,
+        "processed now": summary.processed,
+        "already done": summary.reused,
+        "rejected": summary.rejected,
+        "positive": summary.positive,
+        "negative": summary.negative,
+        "unlabelled": summary.unlabelled,
+        "labels without image": len(summary.labels_without_image),
+        "train / val / test": " / ".join(str(n) for n in summary.splits.values()),
+        "seconds": summary.seconds,
+    }
+    if summary.phi_csv:
+        values["patient fields (--keep-phi)"] = summary.phi_csv
+    if summary.folds:
+        values["folds"] = ", ".join(f"{k}: {n}" for k, n in summary.folds.items())
+    return values

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Folder locks: one writer per cache or output folder, with stale locks of dead processes
+taken over safely."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""A pool of worker processes that die with their parent (or an in-process map for one
+worker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Training augmentation in TensorFlow: flips, shift/scale/rotation, border crop, brightness
+and contrast, applied to image and mask together."""
 
 from __future__ import annotations
 

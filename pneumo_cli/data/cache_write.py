@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Writing a cache (the other half of :mod:`pneumo_cli.data.cache`): starting or resuming
+it, the settings file, the manifest, truth.csv and rejected.csv."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Inputs of ``pneumo preprocess``: walking RAW_DIR, matching labels, processing images.
 
-The orchestration, the cache format and the manifest live in :mod:`pneumo_cli.preprocess`; this
-module does the per-file work, the part that runs in worker processes.
+The orchestration lives in :mod:`pneumo_cli.data.preprocess`, the cache format in
+:mod:`pneumo_cli.data.cache`; this module does the per-file work, the part that runs in worker
+processes.
 """
 
 from __future__ import annotations

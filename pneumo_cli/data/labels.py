@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Labels for preprocessing: masks from a SIIM RLE CSV or from a folder of mask images,
+matched to the X-rays by ImageId."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Which cache images an epoch trains on, in which order: seeded per epoch, with an optional
+share of positive images that can fall linearly over the epochs (``--pos-fraction``)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-
-from pneumo_cli.core.errors import ConfigError
-
-
-def parse_pos_fraction(text: str | None) -> tuple[float, float] | None:
-    """``"0.8"`` -> (0.8, 0.8); ``"0.8:0.4"`` -> linear from 0.8 (first epoch) to 0.4 (last).
-
-    Raises:
-        ConfigError: not one or two numbers in [0, 1].
-    """
-    if text is None or str(text).strip() == "":
-        return None
-    parts = str(text).split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or not all(0.0 <= v <= 1.0 for v in values):
-        raise ConfigError(
-            f"--pos-fraction '{text}' must be a fraction in [0, 1] or START:END, e.g. 0.8:0.4"
-        )
-    return (values[0], values[-1])
 
 
 def pos_fraction_at(fractions: tuple[float, float], epoch: int, epochs: int) -> float:

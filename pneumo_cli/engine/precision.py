@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Numeric precision: the Keras mixed-precision policy (set only here), the CPU's bfloat16
+instructions, and how ``--precision auto`` resolves for the devices at hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""TensorFlow and segmentation_models, imported lazily and once, with the environment they
+need (tf-keras, the framework choice) and their start-up noise kept off stderr."""
 
 from __future__ import annotations
 

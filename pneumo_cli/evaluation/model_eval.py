@@ -1,12 +1,13 @@
 """`pneumo evaluate` on a trained run: predict one cache split, tune the gate, score, report.
 
 The probability maps of the split are computed once, at the model's resolution, by the predict
-code (:mod:`pneumo_cli.predict`). ``--tune`` searches the gate on those maps against the cached
-masks (areas scaled to original pixels per image) and saves the winner as the run's
-``postprocess.json``. Scoring then applies the gate the way ``pneumo predict`` does: by default
-at the original resolution, each map restored through resize and crop and compared with the
-image's original mask from ``CACHE/truth.csv`` (as Kaggle scored); with ``at="model"`` at the
-cached size against the cached mask.
+code (:mod:`pneumo_cli.inference.predict`), and kept in float32 as `pneumo predict` gates them.
+``--tune`` searches the gate on those maps against the cached masks (areas scaled to original
+pixels per image) and saves the winner as the run's ``postprocess.json``. Scoring then applies
+the gate the way ``pneumo predict`` does: by default at the original resolution, each map
+restored through resize and crop and compared with the image's original mask from
+``CACHE/truth.csv`` (as Kaggle scored); with ``at="model"`` at the cached size against the
+cached mask.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _predict_split(
             if isinstance(result, Rejected):
                 raise InputError(f"cached image {result.source} unreadable: {result.reason}")
             item, prob = result
-            # float16 halves the memory of a large split; the gate only compares thresholds.
-            scored.append(_Scored(rows[item.image_id], item, prob.astype(np.float16)))
+            # Kept in float32, exactly as `pneumo predict` gates it: a float16 copy rounds values
+            # near a threshold (0.5002 -> 0.5) and so scored masks predict would not write.
+            scored.append(_Scored(rows[item.image_id], item, np.asarray(prob, np.float32)))
             progress(1)
     return scored
 
@@ -113,6 +115,21 @@ def _crop_scale(item: Any, size: int) -> float:
     return area_scale_for((bottom - top, right - left), (size, size))
 
 
+@dataclass(frozen=True)
+class _EvalJob:
+    """A checked evaluation request: the loaded run, its cache split and the output folder."""
+
+    run_dir: Path
+    predictor: Any
+    cache_dir: Path
+    split: str
+    at: str
+    labelled: list[tuple[str, Any]]
+    unlabelled: int
+    load: Callable
+    out: Path
+
+
 def evaluate_run(
     run: str | os.PathLike[str] | None,
     *,
@@ -135,22 +152,52 @@ def evaluate_run(
             other preprocessing settings than the run's.
         InputError: no run or model, the split absent or without labelled images, no truth.
     """
-
-    from pneumo_cli.core.metrics import overlap_counts
-    from pneumo_cli.data.cache import load_cache_settings
     from pneumo_cli.evaluation.results import select_cases
     from pneumo_cli.evaluation.scoring import score_counts, write_evaluation
-    from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
-    from pneumo_cli.inference.outputs import output_row, write_predictions
+    from pneumo_cli.inference.outputs import write_predictions
+
+    job = _open_job(run, cache, split or Split.val.value, tta, tune, at, out_dir)
+    workers = workers or os.cpu_count() or 1
+    with stage(progress, f"predicting {job.split}", len(job.labelled)) as advance:
+        scored = _predict_split(job.predictor, job.labelled, job.load, batch_size, workers, advance)
+    tuned: list[Any] = []
+    gate = job.predictor.gate
+    if tune:
+        with stage(progress, "tuning the gate", len(scored)) as advance:
+            tuned = _tune_gate(job, scored, advance)
+        gate = tuned[0].gate
+        save_gate(job.run_dir / POSTPROCESS_FILE, gate)
+    with stage(progress, "scoring", len(scored)) as advance:
+        counts, records = _score(job, scored, gate, workers, advance)
+    details = _details(job, gate, tta, tuned)
+    evaluation = score_counts(*counts, details)
+    cases = select_cases(evaluation.rows)
+    panels = _report_panels(evaluation, cases, scored, job.cache_dir, gate, job.out)
+    if records:
+        write_predictions(job.out, sorted(records, key=lambda r: r["ImageId"]))
+    written = write_evaluation(evaluation, job.out, panels, inputs=[job.cache_dir])
+    return RunEvaluation(evaluation, written, job.out, tuned, gate, job.run_dir)
+
+
+def _open_job(
+    run: str | os.PathLike[str] | None,
+    cache: str | os.PathLike[str] | None,
+    split: str,
+    tta: str,
+    tune: bool,
+    at: str,
+    out_dir: str | os.PathLike[str] | None,
+) -> _EvalJob:
+    """Check the request and load the run; everything that can refuse it happens here, before
+    the slow part (the output folder too, so a bad --out fails at once)."""
+    from pneumo_cli.data.cache import load_cache_settings
     from pneumo_cli.inference.predictor import check_cache_matches, load_predictor
     from pneumo_cli.inference.sources import cache_sources
-    from pneumo_cli.io.rle import decode_union
     from pneumo_cli.training.runs import resolve_run
 
-    split = split or "val"
     check_choice(Split, split, "--split")
     check_choice(Resolution, at, "--at")
-    if tune and split != "val":
+    if tune and split != Split.val:
         raise ConfigError(
             f"--tune on the {split} split is refused: tune the gate on val, then score test once"
         )
@@ -159,7 +206,6 @@ def evaluate_run(
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
     sources, load = cache_sources(cache_dir, split)
-    # The output folder is checked before the slow part, so a bad --out fails at once.
     out = ensure_output_dir(
         Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}", cache_dir
     )
@@ -168,79 +214,88 @@ def evaluate_run(
     labelled = [(i, row) for i, row in sources if row["mask"]]
     if not labelled:
         raise InputError(f"split '{split}' of {cache_dir} has no labelled image to score")
-    size = predictor.image_size
-    workers = workers or os.cpu_count() or 1
+    unlabelled = len(sources) - len(labelled)
+    return _EvalJob(run_dir, predictor, cache_dir, split, at, labelled, unlabelled, load, out)
 
-    with stage(progress, f"predicting {split}", len(labelled)) as advance:
-        scored = _predict_split(predictor, labelled, load, batch_size, workers, advance)
 
-    tuned: list[Any] = []
-    gate = predictor.gate
-    if tune:
-        with stage(progress, "tuning the gate", len(scored)) as advance:
-            tuned = tune_gate(
-                (s.prob for s in scored),
-                (_cached_mask(cache_dir, s.row) for s in scored),
-                GateGrid(),
-                area_scale=[_crop_scale(s.item, size) for s in scored],
-                progress=advance,
-            )
-        gate = tuned[0].gate
-        save_gate(run_dir / POSTPROCESS_FILE, gate)
+def _tune_gate(job: _EvalJob, scored: list[_Scored], advance: Callable) -> list[Any]:
+    """Gates ranked on the split's maps against the cached masks (areas in original pixels)."""
+    from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
 
-    truth_rle = (
-        _read_truth(cache_dir, {s.item.image_id for s in scored}) if at == "original" else {}
+    size = job.predictor.image_size
+    return tune_gate(
+        (s.prob for s in scored),
+        (_cached_mask(job.cache_dir, s.row) for s in scored),
+        GateGrid(),
+        area_scale=[_crop_scale(s.item, size) for s in scored],
+        progress=advance,
     )
 
-    def image_masks(entry: _Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
-        prob = entry.prob.astype(np.float32)
-        if at == "model":
-            pred = apply_gate(prob, gate, area_scale=_crop_scale(entry.item, size))
-            return _cached_mask(cache_dir, entry.row), pred, None
-        record, pred, _ = output_row(entry.item.image_id, prob, entry.item, gate, keep_probs=False)
-        height, width = entry.item.original_shape
-        return decode_union([truth_rle[entry.item.image_id]], height, width), pred, record
 
-    ids, inters, truth_areas, pred_areas, max_probs, records = [], [], [], [], [], []
-    with stage(progress, "scoring", len(scored)) as advance, ThreadPoolExecutor(workers) as pool:
+def _score(
+    job: _EvalJob, scored: list[_Scored], gate: Gate, workers: int, advance: Callable
+) -> tuple[tuple[list, ...], list[dict]]:
+    """Per-image overlap counts under ``gate`` (in original or model pixels, as ``job.at``
+    says) and, at original resolution, the predictions.csv records `pneumo predict` writes."""
+    from pneumo_cli.core.metrics import overlap_counts
+    from pneumo_cli.inference.outputs import output_row
+    from pneumo_cli.io.rle import decode_union
+
+    size = job.predictor.image_size
+    at_original = job.at == Resolution.original
+    ids = {s.item.image_id for s in scored}
+    truth_rle = _read_truth(job.cache_dir, ids) if at_original else {}
+
+    def image_masks(entry: _Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
+        if not at_original:
+            pred = apply_gate(entry.prob, gate, area_scale=_crop_scale(entry.item, size))
+            return _cached_mask(job.cache_dir, entry.row), pred, None
+        item = entry.item
+        record, pred, _ = output_row(item.image_id, entry.prob, item, gate, keep_probs=False)
+        height, width = item.original_shape
+        return decode_union([truth_rle[item.image_id]], height, width), pred, record
+
+    columns: tuple[list, ...] = ([], [], [], [], [])
+    records = []
+    with ThreadPoolExecutor(workers) as pool:
         for entry, (truth, pred, record) in zip(scored, pool.map(image_masks, scored), strict=True):
-            inter, truth_area, pred_area = overlap_counts(truth, pred)
-            ids.append(entry.item.image_id)
-            inters.append(inter)
-            truth_areas.append(truth_area)
-            pred_areas.append(pred_area)
-            max_probs.append(float(entry.prob.max()))
+            for column, value in zip(
+                columns,
+                (entry.item.image_id, *overlap_counts(truth, pred), float(entry.prob.max())),
+                strict=True,
+            ):
+                column.append(value)
             if record is not None:
                 records.append(record)
             advance(1)
+    return columns, records
 
-    details = {
-        "split": split,
+
+def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str, Any]:
+    """What metrics.json records besides the scores."""
+    size = job.predictor.image_size
+    details: dict[str, Any] = {
+        "split": job.split,
         "gate": to_dict(gate),
-        "gate_source": "tuned now" if tune else _gate_source(run_dir),
+        "gate_source": "tuned now" if tuned else _gate_source(job.run_dir),
         # Original images may differ in size; at model resolution every image is size x size.
         "resolution": {
-            "at": at,
-            "height": size if at == "model" else None,
-            "width": size if at == "model" else None,
+            "at": job.at,
+            "height": size if job.at == Resolution.model else None,
+            "width": size if job.at == Resolution.model else None,
         },
         "tta": tta,
-        "run": str(run_dir),
-        "cache": str(cache_dir),
+        "run": str(job.run_dir),
+        "cache": str(job.cache_dir),
         "image_size": size,
-        "unlabelled_skipped": len(sources) - len(labelled),
+        "unlabelled_skipped": job.unlabelled,
     }
     if tuned:
         details["tuning"] = {
             "grid_points": len(tuned),
             "best": [dataclasses.asdict(score) for score in tuned[:TOP_GATES_SHOWN]],
         }
-    evaluation = score_counts(ids, inters, truth_areas, pred_areas, max_probs, details)
-    panels = _report_panels(evaluation, select_cases(evaluation.rows), scored, cache_dir, gate, out)
-    if records:
-        write_predictions(out, sorted(records, key=lambda r: r["ImageId"]))
-    written = write_evaluation(evaluation, out, panels, inputs=[cache_dir])
-    return RunEvaluation(evaluation, written, out, tuned, gate, run_dir)
+    return details
 
 
 def _gate_source(run_dir: Path) -> str:
@@ -267,9 +322,7 @@ def _report_panels(
         for row in rows:
             entry = by_id[row.image_id]
             size = entry.item.image.shape[0]
-            pred = apply_gate(
-                entry.prob.astype(np.float32), gate, area_scale=_crop_scale(entry.item, size)
-            )
+            pred = apply_gate(entry.prob, gate, area_scale=_crop_scale(entry.item, size))
             truth = _cached_mask(cache, entry.row)
             image = read_grey_png(cache / entry.row["image"])
             picture = render_panels(image, pred, truth, format_title(row.image_id, row.dice))

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""What an evaluation holds: per-image rows, the metrics, the cases a report shows and the
+per-image CSV."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Two entry points build the same :class:`Evaluation`:
 
 :func:`write_evaluation` then writes ``metrics.json``, ``per_image.csv``, the plots and
 ``report.html`` into one folder. All Dice/IoU numbers follow the SIIM empty-mask convention
-(see :mod:`pneumo_cli.metrics`).
+(see :mod:`pneumo_cli.core.metrics`).
 """
 
 from __future__ import annotations
@@ -73,17 +73,44 @@ def score_counts(
         raise InputError("no images to score")
     if not inter.size == truth.size == pred.size == count:
         raise InputError("image ids and pixel counts have different lengths")
-    dice = metrics.dice_from_counts(inter, truth, pred)
-    iou = metrics.iou_from_counts(inter, truth, pred)
-    truth_present, pred_present = truth > 0, pred > 0
-    confusion = metrics.confusion_matrix(truth_present, pred_present)
-    outcome = metrics.outcomes(truth_present, pred_present)
     probs = list(max_probs) if max_probs is not None else [None] * count
     if len(probs) != count:
         raise InputError(f"{len(probs)} max probabilities for {count} images")
+    dice = metrics.dice_from_counts(inter, truth, pred)
+    iou = metrics.iou_from_counts(inter, truth, pred)
+    outcome = metrics.outcomes(truth > 0, pred > 0)
+    result = _summary_metrics(dice, iou, truth, pred, probs)
+    result.update(details or {})
+    rows = [
+        ImageRow(
+            image_id=image_ids[i],
+            truth_area=int(truth[i]),
+            pred_area=int(pred[i]),
+            intersection=int(inter[i]),
+            dice=float(dice[i]),
+            iou=float(iou[i]),
+            max_prob=None if probs[i] is None else float(probs[i]),
+            outcome=str(outcome[i]),
+        )
+        for i in range(count)
+    ]
+    return Evaluation(result, rows)
+
+
+def _summary_metrics(
+    dice: np.ndarray,
+    iou: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    probs: list[float | None],
+) -> dict[str, Any]:
+    """The split's metrics from per-image scores and areas (metrics.json without details)."""
+    count = len(dice)
+    truth_present, pred_present = truth > 0, pred > 0
+    confusion = metrics.confusion_matrix(truth_present, pred_present)
     scored = all(p is not None for p in probs)
     scores = np.array(probs, dtype=np.float64) if scored else None
-    result: dict[str, Any] = {
+    return {
         "mean_dice": json_number(metrics.mean_over_images(dice)),
         "mean_iou": json_number(metrics.mean_over_images(iou)),
         "positive_mean_dice": json_number(metrics.mean_over_positives(dice, truth)),
@@ -111,21 +138,6 @@ def score_counts(
         "gate": None,
         "pneumo_version": __version__,
     }
-    result.update(details or {})
-    rows = [
-        ImageRow(
-            image_id=image_ids[i],
-            truth_area=int(truth[i]),
-            pred_area=int(pred[i]),
-            intersection=int(inter[i]),
-            dice=float(dice[i]),
-            iou=float(iou[i]),
-            max_prob=None if probs[i] is None else float(probs[i]),
-            outcome=str(outcome[i]),
-        )
-        for i in range(count)
-    ]
-    return Evaluation(result, rows)
 
 
 def score_masks(

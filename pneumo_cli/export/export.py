@@ -1,7 +1,7 @@
 """`pneumo export`: a trained run -> a verified SavedModel, TFLite or ONNX model for deployment.
 
 The export is written into a temporary folder beside ``OUT``, loaded back with the runtime that
-will serve it (``export_runtime.load_runner``) and compared with the run's Keras model on fixed
+will serve it (``inference.exported.load_runner``) and compared with the run's Keras model on fixed
 images: the run cache's validation images when the cache is still there, synthetic phantoms
 otherwise. Only an export that passes its parity check is renamed to ``OUT``; a failing one is
 deleted and the command exits 1. ``OUT/pneumo-model.json`` records what the model expects

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Parity of an export with the Keras model: the images it is checked on, the tolerances
+per model kind, and the comparison of probabilities and masks."""
 
 from __future__ import annotations
 

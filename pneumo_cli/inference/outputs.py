@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""What `pneumo predict` writes per image and at the end: the post-processed record and mask,
+``predictions.csv``, ``submission.csv`` and ``rejected.csv``."""
 
 from __future__ import annotations
 

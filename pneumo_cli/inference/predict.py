@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -88,6 +88,71 @@ def predict_items(
             yield next(results) if isinstance(item, Item) else item
 
 
+class OutputStage(Protocol):
+    """An extra output written for every predicted image (for example a DICOM SEG), in the
+    writer threads, after the mask and before the record that marks the image finished."""
+
+    def prepare(self, out: Path) -> None:
+        """Create the stage's folder in ``out`` and remove its stale temporaries."""
+
+    def done(self, out: Path, image_id: str) -> bool:
+        """Whether a finished image already has this stage's output."""
+
+    def write(self, out: Path, item: Item, mask: np.ndarray) -> None:
+        """Write the output for ``item`` (uint8 {0,1} ``mask`` at original size)."""
+
+
+@dataclass(frozen=True)
+class PredictOutputs:
+    """The output folder of a predict call and what is written into it per image."""
+
+    out: Path
+    save_probs: bool
+    stages: tuple[OutputStage, ...] = ()
+
+    @property
+    def masks(self) -> Path:
+        return self.out / "masks"
+
+    @property
+    def records(self) -> Path:
+        return self.out / "records"
+
+    @property
+    def probs(self) -> Path:
+        return self.out / "probs"
+
+    def prepare(self) -> None:
+        folders = [self.masks, self.records] + ([self.probs] if self.save_probs else [])
+        for folder in folders:
+            folder.mkdir(exist_ok=True)
+            remove_stale_temporaries(folder)
+        remove_stale_temporaries(self.out)
+        for extra in self.stages:
+            extra.prepare(self.out)
+
+    def finished_record(self, image_id: str) -> dict | None:
+        """The record of an image finished by an earlier call, or None."""
+        record = self.records / f"{image_id}.json"
+        if not record.is_file() or not (self.masks / f"{image_id}.png").is_file():
+            return None
+        if not all(extra.done(self.out, image_id) for extra in self.stages):
+            return None
+        return json.loads(record.read_text(encoding="utf-8"))
+
+    def write(self, item: Item, prob: np.ndarray, gate: Gate) -> dict:
+        """Post-process one map and write the image's outputs; the record goes last."""
+        record, mask, full = output_row(item.image_id, prob, item, gate, keep_probs=self.save_probs)
+        write_mask_png(self.masks / f"{item.image_id}.png", mask)
+        if full is not None:
+            probs = np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8)
+            write_png(self.probs / f"{item.image_id}.png", probs)
+        for extra in self.stages:
+            extra.write(self.out, item, mask)
+        atomic_write_json(self.records / f"{item.image_id}.json", record)
+        return record
+
+
 def predict_sources(
     predictor: Any,
     sources: Sequence[tuple[str, Any]],
@@ -101,44 +166,69 @@ def predict_sources(
     workers: int | None = None,
     inputs_to_protect: Sequence[str | os.PathLike[str]] = (),
     rejected: Sequence[tuple[str, str]] = (),
+    stages: Sequence[OutputStage] = (),
     progress: ProgressFn | None = None,
 ) -> PredictSummary:
     """Predict every source and write masks, records and the CSVs into ``out_dir``.
 
     ``predictor`` is a :class:`Predictor` or an exported model's predictor (see
-    :func:`open_predictor`).
-
-    ``sources`` are ``(image_id, handle)`` pairs and ``load(handle) -> Item`` prepares one (it
-    may raise a PneumoError, which rejects that image only). Finished images (mask and record
-    present) are skipped unless ``overwrite``.
+    :func:`open_predictor`). ``sources`` are ``(image_id, handle)`` pairs and
+    ``load(handle) -> Item`` prepares one (it may raise a PneumoError, which rejects that image
+    only). Finished images (mask, record and every stage's output present) are skipped unless
+    ``overwrite``. ``progress(n)`` is called as images finish.
     """
+    advance = progress or (lambda n: None)
     gate = gate or predictor.gate
-    out = ensure_output_dir(out_dir, *inputs_to_protect)
-    folders = {name: out / name for name in ("masks", "records", "probs")}
-    for name, folder in folders.items():
-        if name != "probs" or save_probs:
-            folder.mkdir(exist_ok=True)
-            remove_stale_temporaries(folder)
-    remove_stale_temporaries(out)
+    outputs = PredictOutputs(
+        ensure_output_dir(out_dir, *inputs_to_protect), save_probs, tuple(stages)
+    )
+    outputs.prepare()
     summary = PredictSummary(
-        images=len(sources), tta=predictor.tta, gate=asdict(gate), out_dir=str(out)
+        images=len(sources), tta=predictor.tta, gate=asdict(gate), out_dir=str(outputs.out)
     )
     records: dict[str, dict] = {}
-    rejected = list(rejected)
     todo = []
     for image_id, handle in sources:
-        record_path = folders["records"] / f"{image_id}.json"
-        if (
-            not overwrite
-            and record_path.is_file()
-            and (folders["masks"] / f"{image_id}.png").is_file()
-        ):
-            records[image_id] = json.loads(record_path.read_text(encoding="utf-8"))
-            summary.skipped_existing += 1
-            if progress:
-                progress(1)
-        else:
+        record = None if overwrite else outputs.finished_record(image_id)
+        if record is None:
             todo.append((image_id, handle))
+        else:
+            records[image_id] = record
+    summary.skipped_existing = len(records)
+    advance(len(records))
+    rejected = list(rejected)
+    start = time.perf_counter()
+    for result in _predict_and_write(predictor, todo, load, gate, outputs, batch_size, workers):
+        if isinstance(result, Rejected):
+            rejected.append((result.source, result.reason))
+        else:
+            records[result["ImageId"]] = result
+            summary.predicted += 1
+        advance(1)
+    elapsed = time.perf_counter() - start
+    summary.images_per_second = round(summary.predicted / elapsed, 2) if summary.predicted else 0.0
+    summary.rejected = len(rejected)
+    summary.positive = sum(r["has_pneumothorax"] for r in records.values())
+    write_rejected(outputs.out / REJECTED_FILE, rejected)
+    write_predictions(outputs.out, [records[k] for k in sorted(records)])
+    summary.predictions_csv = str(outputs.out / PREDICTIONS_FILE)
+    return summary
+
+
+def _predict_and_write(
+    predictor: Any,
+    todo: Sequence[tuple[str, Any]],
+    load: Any,
+    gate: Gate,
+    outputs: PredictOutputs,
+    batch_size: int,
+    workers: int | None,
+) -> Iterator[dict | Rejected]:
+    """Records of the predicted images (and the rejected inputs) as they finish.
+
+    Loading runs in a thread pool up to two batches ahead of the network (bounded: a folder of
+    12,000 X-rays must not be held in memory at once); writing runs in another pool behind it.
+    """
 
     def prepare(source: tuple[str, Any]) -> Item | Rejected:
         try:
@@ -147,52 +237,19 @@ def predict_sources(
             label = str(source[1]) if isinstance(source[1], Path) else source[0]
             return Rejected(label, str(exc))
 
-    def finish(result: tuple[Item, np.ndarray]) -> dict:
-        item, prob = result
-        record, mask, full = output_row(item.image_id, prob, item, gate, keep_probs=save_probs)
-        write_mask_png(folders["masks"] / f"{item.image_id}.png", mask)
-        if save_probs:
-            write_png(
-                folders["probs"] / f"{item.image_id}.png",
-                np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8),
-            )
-        atomic_write_json(folders["records"] / f"{item.image_id}.json", record)
-        return record
-
     threads = workers or os.cpu_count() or 1
-    start = time.perf_counter()
     with ThreadPoolExecutor(threads) as loaders, ThreadPoolExecutor(threads) as writers:
-        # Loading runs up to two batches ahead of the network (bounded: a folder of 12,000
-        # X-rays must not be held in memory at once).
         prepared = _ordered_map(loaders, prepare, todo, ahead=2 * batch_size + threads)
-        pending = []
+        pending: collections.deque = collections.deque()
         for result in predict_items(predictor, prepared, batch_size):
             if isinstance(result, Rejected):
-                rejected.append((result.source, result.reason))
-                if progress:
-                    progress(1)
+                yield result
                 continue
-            pending.append(writers.submit(finish, result))
+            pending.append(writers.submit(outputs.write, *result, gate))
             while pending and pending[0].done():
-                record = pending.pop(0).result()
-                records[record["ImageId"]] = record
-                summary.predicted += 1
-                if progress:
-                    progress(1)
+                yield pending.popleft().result()
         for future in pending:
-            record = future.result()
-            records[record["ImageId"]] = record
-            summary.predicted += 1
-            if progress:
-                progress(1)
-    elapsed = time.perf_counter() - start
-    summary.images_per_second = round(summary.predicted / elapsed, 2) if summary.predicted else 0.0
-    summary.rejected = len(rejected)
-    summary.positive = sum(r["has_pneumothorax"] for r in records.values())
-    write_rejected(out / REJECTED_FILE, rejected)
-    write_predictions(out, [records[k] for k in sorted(records)])
-    summary.predictions_csv = str(out / PREDICTIONS_FILE)
-    return summary
+            yield future.result()
 
 
 def _ordered_map(

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""A run ready for inference: the run folder opened and checked once, and the compiled
+network (with optional flip TTA) that maps prepared images to probabilities."""
 
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
 def check_cache_matches(cache_settings: PreprocessConfig, run: Any, cache: Path) -> None:
     """Refuse a cache whose pixel settings differ from those the run (or export) was made with.
 
-    ``run`` is a :class:`Predictor` or an ``export_runtime.ExportedPredictor``.
+    ``run`` is a :class:`Predictor` or an ``inference.exported.ExportedPredictor``.
     """
     differing = [
         f"{name} {getattr(cache_settings, name)} vs {getattr(run.settings, name)}"

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Inputs of a prediction: X-ray files or a cache split, each with a loader that prepares an
+image exactly as the run's training cache was prepared."""
 
 from __future__ import annotations
 

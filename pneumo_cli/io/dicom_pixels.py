@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""DICOM pixel data to 8-bit grey: the fast JPEG Baseline path, photometric interpretation,
+windowing and rescaling, and small header value parsers."""
 
 from __future__ import annotations
 

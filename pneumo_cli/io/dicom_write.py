@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Writing DICOM X-rays (grey, JPEG Baseline or uncompressed), used by the demo dataset and
+the tests."""
 
 from __future__ import annotations
 

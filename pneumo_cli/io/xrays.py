@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Finding X-ray files: which files are X-rays (DICOM by extension or preamble, PNG, JPEG),
+and each one's ImageId."""
 
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def build_model(
             (random start) or the path of an ``.h5`` file with the encoder's layer layout.
         precision: ``"fp32"``, ``"bf16"`` (mixed bfloat16) or ``"fp16"`` (mixed float16):
             the compute type of the layers; variables, the sigmoid output and hence the loss
-            stay float32. Resolve ``"auto"`` first (:func:`pneumo_cli.distribute.choose_precision`).
+            stay float32. Resolve ``"auto"`` first
+            (:func:`pneumo_cli.engine.precision.choose_precision`).
         notify: told before ImageNet weights are downloaded.
         input_norm: ``"frozen"`` or ``"trainable"``: see :func:`set_input_norm`.
 

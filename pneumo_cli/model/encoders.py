@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Encoder backbones: which pneumo trains, and how grey pixels become each encoder's input
+(the scaling segmentation_models' preprocessing applies, checked against it)."""
 
 from __future__ import annotations
 

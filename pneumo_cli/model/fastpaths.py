@@ -10,7 +10,7 @@ of the remaining costs had cheaper equivalents (TensorFlow profiler, one op thre
   2x2 sum pool; TensorFlow's ``ResizeNearestNeighborGrad`` takes ~27 ms for the five decoder
   stages, oneDNN's average pooling times 4 ~5 ms: :func:`fast_upsampling_gradients`.
 - A frozen input BatchNormalization (``--input-norm frozen``, see
-  :func:`pneumo_cli.model.set_input_norm`) runs as a fused batch-norm kernel that is slow on a
+  :func:`pneumo_cli.model.build.set_input_norm`) runs as a fused batch-norm kernel that is slow on a
   3-channel image (~16 ms); as a multiply-add it takes ~4 ms: :func:`unfuse_frozen_norm`.
 - The encoder pads the input of each 3x3 convolution in a layer of its own (a copy forward, a
   slice backward); a 'SAME' convolution pads inside oneDNN: :func:`fold_zero_padding`.

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Saving and loading pneumo's Keras models: atomic ``.keras`` files, and a loader that
+treats the file as untrusted input (no code from a model file is ever run)."""
 
 from __future__ import annotations
 
@@ -87,31 +88,14 @@ def _code_in_model_config(node: Any, layer: str = "model") -> str | None:
     return next(filter(None, (_code_in_model_config(v, layer) for v in node.values())), None)
 
 
-def load_model(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.keras`` model written by pneumo, for inference (not compiled).
-
-    The file is untrusted input: nothing in it is ever run as Python code. Only the ``.keras``
-    zip format is accepted (Keras would load HDF5 files and SavedModel folders without safe
-    mode). Its ``config.json`` is parsed as JSON and refused if a layer holds code (``Lambda``)
-    or names a module outside Keras and segmentation_models' encoders; the model is then built
-    from it in Keras safe mode and its weights are read from ``model.weights.h5``.
-
-    Raises:
-        InputError: one line naming the file: missing, not a .keras archive, refused because it
-            could run code, or unreadable.
-    """
+def _read_keras_archive(path: Path) -> tuple[Any, bytes]:
+    """The parsed ``config.json`` and the raw ``model.weights.h5`` of a ``.keras`` archive,
+    refusing anything but the members pneumo writes (and a huge config)."""
     import json
-    import tempfile
     import zipfile
 
-    tf = import_tf()
-    import_sm()  # registers the custom objects of segmentation_models' encoders
-    from pneumo_cli.model import losses
-
-    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file; was it written by `pneumo train`?")
-    refused = f"{path}: refused to load this model file"
     if not zipfile.is_zipfile(path):
         raise InputError(
             f"{path}: not a readable Keras model (not a .keras zip archive, the only format "
@@ -126,11 +110,34 @@ def load_model(path: str | os.PathLike[str]) -> Any:
                 raise InputError(f"{path}: not a model written by pneumo ({detail} in archive)")
             if archive.getinfo(_KERAS_CONFIG).file_size > _MAX_CONFIG_BYTES:
                 raise InputError(f"{path}: not a model written by pneumo (huge {_KERAS_CONFIG})")
-            config = json.loads(archive.read(_KERAS_CONFIG))
-            weights = archive.read(_KERAS_WEIGHTS)
+            return json.loads(archive.read(_KERAS_CONFIG)), archive.read(_KERAS_WEIGHTS)
     except (OSError, zipfile.BadZipFile, ValueError) as exc:  # ValueError: bad JSON or UTF-8
         reason = " ".join(str(exc).split())[:160]
         raise InputError(f"{path}: not a readable Keras model ({reason})") from None
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` model written by pneumo, for inference (not compiled).
+
+    The file is untrusted input: nothing in it is ever run as Python code. Only the ``.keras``
+    zip format is accepted (Keras would load HDF5 files and SavedModel folders without safe
+    mode). Its ``config.json`` is parsed as JSON and refused if a layer holds code (``Lambda``)
+    or names a module outside Keras and segmentation_models' encoders; the model is then built
+    from it in Keras safe mode and its weights are read from ``model.weights.h5``.
+
+    Raises:
+        InputError: one line naming the file: missing, not a .keras archive, refused because it
+            could run code, or unreadable.
+    """
+    import tempfile
+
+    tf = import_tf()
+    import_sm()  # registers the custom objects of segmentation_models' encoders
+    from pneumo_cli.model import losses
+
+    path = Path(path)
+    refused = f"{path}: refused to load this model file"
+    config, weights = _read_keras_archive(path)
     why = _code_in_model_config(config)
     if why:
         raise InputError(f"{refused}: {why}; pneumo never runs code from model files")

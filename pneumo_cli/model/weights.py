@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""ImageNet weights for the encoders: where Keras caches them, downloading them only when
+asked, and loading an encoder's layers from an ``.h5`` file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""Drawing masks on X-rays: translucent fills with contours in colour-blind-safe colours,
+side-by-side panels with a title strip, and picture encoding."""
 
 from __future__ import annotations
 

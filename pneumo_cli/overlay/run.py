@@ -50,7 +50,7 @@ REJECTED_FILE = "rejected.csv"
 
 def image_id_of(path: Path) -> str:
     """ImageId of an input file: its name without a known image extension (as
-    :func:`pneumo_cli.dicom_io.image_id_of`, so SIIM UIDs full of dots stay whole).
+    :func:`pneumo_cli.io.xrays.image_id_of`, so SIIM UIDs full of dots stay whole).
 
     Raises:
         InputError: the name is not a safe file stem.

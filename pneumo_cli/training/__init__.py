@@ -1,1 +1,2 @@
-"""TODO package docstring."""
+"""`pneumo train`: run folders, training and resuming, state and checkpoints, devices and
+multi-worker clusters."""

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""One training call on a built network: datasets, the Keras fit loop, and the recorder that
+writes checkpoints, history, state and summary as each epoch ends."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pneumo_cli.core.config import TrainConfig
+from pneumo_cli.core.config import TrainConfig, parse_pos_fraction
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.core.files import atomic_write_json
 from pneumo_cli.data import pipeline as data_pipeline
-from pneumo_cli.data import sampling
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.model import saving
 from pneumo_cli.training import runs
@@ -169,39 +169,16 @@ def fit_run(
     history: list[dict[str, Any]],
     reporter: TrainReporter,
 ) -> TrainResult:
+    """Train ``net`` from ``state["epoch"]`` to ``config.epochs`` (or early stopping), writing
+    checkpoints, history and state as epochs end.
+
+    Raises:
+        KeyboardInterrupt: after saving the state (status "interrupted").
+        ConfigError: another worker of a multi-worker run was lost (the state is saved).
+    """
     tf = tf_engine.import_tf()
-    cache, train_records, val_records = load_training_data(config)
     global_batch = config.batch_size * placement.replicas
-    steps = config.steps_per_epoch or max(1, math.ceil(len(train_records) / global_batch))
-
-    def train_dataset(input_context: Any = None) -> Any:
-        return data_pipeline.make_train_dataset(
-            train_records,
-            cache.image_size,
-            scaling,
-            global_batch,
-            steps,
-            seed=config.seed,
-            first_epoch=state["epoch"],
-            epochs=config.epochs,
-            augment=config.augment,
-            pos_fraction=sampling.parse_pos_fraction(config.pos_fraction),
-            input_context=input_context,
-        ).dataset
-
-    val_dataset = data_pipeline.make_eval_dataset(
-        val_records, cache.image_size, scaling, global_batch
-    ).dataset
-    if placement.role is None:
-        train_input = train_dataset()
-    else:
-        # Each worker builds only its own shard of every global batch.
-        train_input = placement.strategy.distribute_datasets_from_function(train_dataset)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        val_dataset = val_dataset.with_options(options)
+    train_input, val_dataset, steps = _datasets(config, scaling, placement, state, global_batch)
     recorder = _Recorder(
         run_dir, config, net, optimizer, state, history, global_batch, steps, reporter
     )
@@ -220,26 +197,73 @@ def fit_run(
         if state["epoch"] == 0:
             recorder.save_state("interrupted")  # keep what the first partial epoch learnt
         else:
-            state["status"] = "interrupted"
-            atomic_write_json(run_dir / STATE_FILE, state)
-            recorder.write_summary()
+            _save_interrupted(recorder)
         raise
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError) as exc:  # fmt: skip
         if placement.role is None:
             raise
-        state["status"] = "interrupted"
-        atomic_write_json(run_dir / STATE_FILE, state)
-        recorder.write_summary()
-        why = {
-            "DeadlineExceededError": f"a collective waited over {COLLECTIVE_TIMEOUT_S} s",
-            "UnavailableError": f"a worker died or was silent for {HEARTBEAT_TIMEOUT_S} s",
-        }.get(type(exc).__name__, "the cluster aborted the step")
-        resume = str(run_dir) if placement.is_chief else "RUN"
-        raise ConfigError(
-            f"lost contact with another worker during epoch {state['epoch'] + 1} "
-            f"({type(exc).__name__}: {why}); the last checkpoint is epoch {state['epoch']}: "
-            f"restart every worker with `pneumo train --resume {resume} --multi-worker`, or "
-            f"continue here with `pneumo train --resume {resume}`"
-        ) from None
+        _save_interrupted(recorder)
+        raise _lost_worker(exc, run_dir, state["epoch"], placement.is_chief) from None
     return recorder.write_summary(saving.weights_sha256(net))
+
+
+def _datasets(
+    config: TrainConfig,
+    scaling: str,
+    placement: Placement,
+    state: dict[str, Any],
+    global_batch: int,
+) -> tuple[Any, Any, int]:
+    """The training input (distributed across workers when there are several), the validation
+    dataset and the steps per epoch."""
+    tf = tf_engine.import_tf()
+    cache, train_records, val_records = load_training_data(config)
+    steps = config.steps_per_epoch or max(1, math.ceil(len(train_records) / global_batch))
+
+    def train_dataset(input_context: Any = None) -> Any:
+        return data_pipeline.make_train_dataset(
+            train_records,
+            cache.image_size,
+            scaling,
+            global_batch,
+            steps,
+            seed=config.seed,
+            first_epoch=state["epoch"],
+            epochs=config.epochs,
+            augment=config.augment,
+            pos_fraction=parse_pos_fraction(config.pos_fraction),
+            input_context=input_context,
+        ).dataset
+
+    val_dataset = data_pipeline.make_eval_dataset(
+        val_records, cache.image_size, scaling, global_batch
+    ).dataset
+    if placement.role is None:
+        return train_dataset(), val_dataset, steps
+    # Each worker builds only its own shard of every global batch.
+    train_input = placement.strategy.distribute_datasets_from_function(train_dataset)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return train_input, val_dataset.with_options(options), steps
+
+
+def _save_interrupted(recorder: _Recorder) -> None:
+    recorder.state["status"] = "interrupted"
+    atomic_write_json(recorder.run_dir / STATE_FILE, recorder.state)
+    recorder.write_summary()
+
+
+def _lost_worker(exc: Exception, run_dir: Path, epoch: int, is_chief: bool) -> ConfigError:
+    """The one-line error for a multi-worker run that lost a worker mid-epoch."""
+    why = {
+        "DeadlineExceededError": f"a collective waited over {COLLECTIVE_TIMEOUT_S} s",
+        "UnavailableError": f"a worker died or was silent for {HEARTBEAT_TIMEOUT_S} s",
+    }.get(type(exc).__name__, "the cluster aborted the step")
+    resume = str(run_dir) if is_chief else "RUN"
+    return ConfigError(
+        f"lost contact with another worker during epoch {epoch + 1} "
+        f"({type(exc).__name__}: {why}); the last checkpoint is epoch {epoch}: "
+        f"restart every worker with `pneumo train --resume {resume} --multi-worker`, or "
+        f"continue here with `pneumo train --resume {resume}`"
+    )

@@ -1,4 +1,4 @@
-"""TODO: split-out module docstring."""
+"""`pneumo train --resume`: continue an unfinished run from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -62,24 +62,7 @@ def resume_training(
     reporter = reporter or SilentReporter()
     placement = make_multi_worker_strategy(gpus) if multi_worker else None
     run_dir = runs.resolve_run(run, runs_dir)
-    saved = runs.load_run_config(run_dir)
-    config = _config_to_resume(saved, run_dir / runs.CONFIG_FILE)
-    # No state.json: the run was stopped before its first epoch ended. Its config.json holds
-    # every setting, so it starts again from epoch 0 exactly as `pneumo train` started it.
-    state = read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
-    if state is not None and state["status"] in FINISHED:
-        raise ConfigError(
-            f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
-            f"{state['epoch']} epoch(s)); start a new run instead of --resume"
-        )
-    if gpus is not None:
-        config = dataclasses.replace(config, gpus=gpus)
-    cache, _, _ = load_training_data(config)
-    if cache.manifest_sha256 != saved.get("cache_manifest_sha256"):
-        raise ConfigError(
-            f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
-            "train on other data: start a new run"
-        )
+    config, state, cache, scaling = _resumable(run_dir, gpus)
     if placement is None:
         placement = Placement(*make_strategy(config.gpus, cpu_replicas))
     if config.precision == "fp16" and not placement.gpus:
@@ -118,13 +101,40 @@ def resume_training(
         reporter.note(
             f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}"
         )
-    scaling = saved["input_scaling"]
     with output_dir_for(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
         if placement.is_chief:
             runs.mark_latest(run_dir)
         return fit_run(
             out_dir, config, scaling, placement, net, optimizer, state, history, reporter
         )
+
+
+def _resumable(run_dir: Path, gpus: int | None) -> tuple[TrainConfig, dict | None, Any, str]:
+    """The run's settings, its state (None before the first epoch ended), its cache and its
+    input scaling, each checked: an unfinished run whose cache is unchanged since it started.
+
+    Raises:
+        ConfigError: a finished run, a bad config.json or state.json, a changed cache.
+    """
+    saved = runs.load_run_config(run_dir)
+    config = _config_to_resume(saved, run_dir / runs.CONFIG_FILE)
+    # No state.json: the run was stopped before its first epoch ended. Its config.json holds
+    # every setting, so it starts again from epoch 0 exactly as `pneumo train` started it.
+    state = read_state(run_dir) if (run_dir / STATE_FILE).exists() else None
+    if state is not None and state["status"] in FINISHED:
+        raise ConfigError(
+            f"{run_dir} has finished already ({state['status'].replace('_', ' ')} after "
+            f"{state['epoch']} epoch(s)); start a new run instead of --resume"
+        )
+    if gpus is not None:
+        config = dataclasses.replace(config, gpus=gpus)
+    cache, _, _ = load_training_data(config)
+    if cache.manifest_sha256 != saved.get("cache_manifest_sha256"):
+        raise ConfigError(
+            f"{cache.folder / 'manifest.csv'} changed since {run_dir} started; resuming would "
+            "train on other data: start a new run"
+        )
+    return config, state, cache, saved["input_scaling"]
 
 
 def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""What `pneumo train` and `--resume` share before fitting: the cache's splits, the
+compiled optimizer and loss, the precision, and the run folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO: split-out module docstring."""
+"""A run's training state (``state.json`` and ``state/epoch-NNNN`` checkpoints) and the
+cleanup of what a killed run left behind."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Training the U-Net on a cache: `pneumo train` as a library function.
 
-:func:`train` starts a run and :func:`resume_training` continues one; both end in :func:`fit_run`,
-which runs Keras ``fit`` under the strategy :mod:`pneumo_cli.distribute` chose and records every
-epoch in the run folder (history, last/best model, optimizer checkpoint, curves, summary).
-Validation reports the SIIM per-image Dice (:mod:`pneumo_cli.losses`), which also drives model
-selection, early stopping and the optional learning-rate reduction.
+:func:`train_model` starts a run and :mod:`~pneumo_cli.training.resume` continues one; both end
+in :func:`~pneumo_cli.training.fit.fit_run`, which runs Keras ``fit`` under the strategy
+:mod:`pneumo_cli.training.distribute` chose and records every epoch in the run folder (history,
+last/best model, optimizer checkpoint, curves, summary). Validation reports the SIIM per-image
+Dice (:mod:`pneumo_cli.model.losses`), which also drives model selection, early stopping and
+the optional learning-rate reduction.
 
 In a multi-worker run every process executes the same steps - saving included, because reading
 the synchronised batch-norm statistics is itself a collective operation - but only the chief
