@@ -26,7 +26,7 @@ def test_noise_pattern_keeps_real_messages():
 def test_import_tf_prints_no_start_up_noise():
     code = (
         "import sys\n"
-        "from pneumo_cli.model import import_tf\n"
+        "from pneumo_cli.engine.tf import import_tf\n"
         "tf = import_tf()\n"
         "print('tf-ok', file=sys.stderr)\n"
         "import os; os.write(2, b'native line after start-up\\n')\n"

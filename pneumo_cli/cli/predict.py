@@ -9,7 +9,7 @@ import typer
 
 from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers
 from pneumo_cli.cli.render import print_summary
-from pneumo_cli.core.choices import Tta
+from pneumo_cli.core.choices import Split, Tta
 
 RunOption = Annotated[
     Path | None,
@@ -71,9 +71,7 @@ def predict_command(
     cache: Annotated[
         Path | None, typer.Option("--cache", help="Predict cached images instead of files.")
     ] = None,
-    split: Annotated[
-        str, typer.Option("--split", help="With --cache: train, val or test.")
-    ] = "test",
+    split: Annotated[Split, typer.Option("--split", help="With --cache: the split.")] = Split.test,
     tta: TtaOption = Tta.none,
     top_threshold: TopThreshold = None,
     min_area: MinArea = None,
@@ -81,6 +79,18 @@ def predict_command(
     min_component_area: MinComponentArea = None,
     save_probs: Annotated[
         bool, typer.Option("--save-probs", help="Also write probability maps (x255) as PNG.")
+    ] = False,
+    dicom_seg: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-seg",
+            help="Also write OUT/dicom-seg/<ImageId>.dcm, a DICOM Segmentation of each DICOM "
+            "input for a PACS or viewer: same study, one new AI series per job, segment "
+            "'Pneumothorax' (SNOMED CT 36118008). A negative prediction writes a SEG with an "
+            "empty segment, so the PACS shows that the AI ran and found nothing. PNG/JPEG "
+            "inputs get none. A SEG carries the source's patient module (name, ID, birth date) "
+            "so that it is filed with the patient.",
+        ),
     ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 8,
     overwrite: Overwrite = False,
@@ -107,13 +117,17 @@ def predict_command(
         raise typer.BadParameter(
             "give INPUT files/folders or --cache CACHE (exactly one of the two)"
         )
+    if dicom_seg and cache is not None:
+        raise typer.BadParameter(
+            "--dicom-seg needs the DICOM files as INPUT: a cache keeps no DICOM headers"
+        )
     summary = predict_inputs(
         inputs or [],
         run=run,
         model=model,
         out_dir=out,
         cache=cache,
-        split=split,
+        split=split.value,
         tta=tta.value,
         gate_overrides={
             "top_threshold": top_threshold,
@@ -122,6 +136,7 @@ def predict_command(
             "min_component_area_px": min_component_area,
         },
         save_probs=save_probs,
+        dicom_seg=dicom_seg,
         overwrite=overwrite,
         batch_size=batch_size,
         workers=workers,
@@ -129,4 +144,20 @@ def predict_command(
     )
     if summary.rejected:
         print_warning(f"{summary.rejected} input(s) rejected; reasons in {out / 'rejected.csv'}")
+    if not quiet:
+        _dicom_seg_notes(summary.outputs, out)
     print_summary("pneumo predict", summary.to_dict(), as_json)
+
+
+def _dicom_seg_notes(counts: dict[str, int], out: Path) -> None:
+    """Say on stderr which inputs got no DICOM SEG, and why."""
+    from pneumo_cli.cli.console import print_note, print_warning
+
+    if counts.get("dicom_seg_not_dicom"):
+        print_note(f"{counts['dicom_seg_not_dicom']} input(s) are PNG/JPEG and got no DICOM SEG")
+    if counts.get("dicom_seg_refused"):
+        print_warning(
+            f"{counts['dicom_seg_refused']} DICOM input(s) got no SEG (their headers cannot make "
+            f"a valid one; masks and CSV rows are written); reasons in "
+            f"{out / 'dicom-seg' / 'rejected.csv'}"
+        )

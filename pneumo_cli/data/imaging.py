@@ -49,8 +49,8 @@ def detect_crop(image: np.ndarray, threshold: int = 10, min_keep: float = 0.5) -
 
     height, width = image.shape
     # The 99th percentile along a line is below `threshold` iff fewer than 1% of its pixels
-    # exceed it: counting is much faster than a percentile (and OpenCV counts 8x faster than
-    # numpy sums a boolean array).
+    # exceed it: counting is much cheaper than a percentile (and OpenCV counts faster than numpy
+    # sums a boolean array; benchmarks/bench_predict.py times the whole path).
     _, bright = cv2.threshold(np.ascontiguousarray(image), threshold, 1, cv2.THRESH_BINARY)
     dark_rows = cv2.reduce(bright, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= width // 100
     dark_cols = cv2.reduce(bright, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() <= height // 100

@@ -271,10 +271,10 @@ def _parallel_calls() -> int:
 def _without_autotune(dataset: Any) -> Any:
     """Fixed parallelism instead of tf.data's autotuner.
 
-    Measured on 2 CPU cores (resnet34 U-Net, 256 px, batch 16): with the autotuner on, training
-    fed by this pipeline ran at 3.9 images/s against 7.6 for the network alone; its background
-    tuning competes with the network's own threads. With it off: 7.9 images/s. Decoding and
-    augmenting a batch takes ~20 ms of a ~2 s step, so fixed settings lose nothing.
+    On a machine with few cores the autotuner's background tuning competes with the network's
+    own threads and roughly halved training speed (``benchmarks/bench_train.py`` measures the
+    pipeline against the network alone). Decoding and augmenting a batch is a small fraction
+    of a training step, so fixed settings lose nothing.
     """
     tf = import_tf()
     options = tf.data.Options()

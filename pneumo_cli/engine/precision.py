@@ -64,11 +64,9 @@ def clear_session() -> None:
     _set_precision(before)
 
 
-# `auto` picks bf16 on a CPU only when bf16 is shown both faster and as accurate there. Measured
-# on an AMD EPYC with avx512_bf16 (2 cores, quiet machine): with the augmented pipeline bf16
-# trains the resnet34 U-Net at 256 px, batch 16, at 12.5 images/s against fp32's 7.8; trained on
-# the same 300 synthetic X-rays with the same seed for 24 epochs (benchmarks/bench_precision.py
-# --parity), the best validation SIIM Dice was 0.9943 in bf16 and 0.9958 in fp32.
+# `auto` picks bf16 for training on a CPU with bfloat16 instructions because the full-size
+# parity benchmark (benchmarks/bench_precision.py --parity; its numbers and CPU are in the
+# README) found bf16 training as accurate as fp32 and faster on such CPUs.
 BF16_FASTER_ON_CPU = True
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -122,6 +120,6 @@ def choose_precision(
             "faster on it; use --precision bf16 to choose it"
         )
     return "bf16", (
-        f"auto: the CPU has {'/'.join(flags)}; bf16 measured 1.6x faster than fp32 and as "
-        "accurate (benchmarks/bench_precision.py)"
+        f"auto: the CPU has {'/'.join(flags)}; bf16 trains faster than fp32 there and as "
+        "accurately (benchmarks/bench_precision.py)"
     )

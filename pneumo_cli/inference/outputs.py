@@ -76,7 +76,9 @@ def write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
 def write_predictions(out: Path, records: list[dict]) -> None:
     """Write ``predictions.csv`` and ``submission.csv`` (Kaggle format) from per-image records."""
     full, short = io.StringIO(), io.StringIO()
-    writer = csv.DictWriter(full, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(
+        full, fieldnames=PREDICTION_COLUMNS, lineterminator="\n", extrasaction="ignore"
+    )
     writer.writeheader()
     writer.writerows(records)
     submission = csv.writer(short, lineterminator="\n")

@@ -69,6 +69,7 @@ class PredictSummary:
     gate: dict[str, float] = field(default_factory=dict)
     out_dir: str = ""
     predictions_csv: str = ""
+    outputs: dict[str, int] = field(default_factory=dict)  # counts of extra outputs (DICOM SEG)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,11 +96,15 @@ class OutputStage(Protocol):
     def prepare(self, out: Path) -> None:
         """Create the stage's folder in ``out`` and remove its stale temporaries."""
 
-    def done(self, out: Path, image_id: str) -> bool:
-        """Whether a finished image already has this stage's output."""
+    def done(self, out: Path, record: dict[str, Any]) -> bool:
+        """Whether the image of a finished ``record`` already has this stage's output."""
 
-    def write(self, out: Path, item: Item, mask: np.ndarray) -> None:
-        """Write the output for ``item`` (uint8 {0,1} ``mask`` at original size)."""
+    def write(self, out: Path, item: Item, mask: np.ndarray) -> dict[str, Any]:
+        """Write the output for ``item`` (uint8 {0,1} ``mask`` at original size); returns the
+        fields to add to the image's record."""
+
+    def finish(self, out: Path, records: list[dict[str, Any]]) -> dict[str, int]:
+        """After the job: write the stage's own summary files; returns counts for the summary."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +141,10 @@ class PredictOutputs:
         record = self.records / f"{image_id}.json"
         if not record.is_file() or not (self.masks / f"{image_id}.png").is_file():
             return None
-        if not all(extra.done(self.out, image_id) for extra in self.stages):
+        finished = json.loads(record.read_text(encoding="utf-8"))
+        if not all(extra.done(self.out, finished) for extra in self.stages):
             return None
-        return json.loads(record.read_text(encoding="utf-8"))
+        return finished
 
     def write(self, item: Item, prob: np.ndarray, gate: Gate) -> dict:
         """Post-process one map and write the image's outputs; the record goes last."""
@@ -148,7 +154,7 @@ class PredictOutputs:
             probs = np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8)
             write_png(self.probs / f"{item.image_id}.png", probs)
         for extra in self.stages:
-            extra.write(self.out, item, mask)
+            record.update(extra.write(self.out, item, mask))
         atomic_write_json(self.records / f"{item.image_id}.json", record)
         return record
 
@@ -210,7 +216,10 @@ def predict_sources(
     summary.rejected = len(rejected)
     summary.positive = sum(r["has_pneumothorax"] for r in records.values())
     write_rejected(outputs.out / REJECTED_FILE, rejected)
-    write_predictions(outputs.out, [records[k] for k in sorted(records)])
+    ordered = [records[k] for k in sorted(records)]
+    for extra in stages:
+        summary.outputs.update(extra.finish(outputs.out, ordered))
+    write_predictions(outputs.out, ordered)
     summary.predictions_csv = str(outputs.out / PREDICTIONS_FILE)
     return summary
 
@@ -279,6 +288,7 @@ def predict_inputs(
     tta: str = "none",
     gate_overrides: dict[str, float | None] | None = None,
     save_probs: bool = False,
+    dicom_seg: bool = False,
     overwrite: bool = False,
     batch_size: int = 8,
     workers: int | None = None,
@@ -287,12 +297,14 @@ def predict_inputs(
     """`pneumo predict`: files/folders of X-rays, or one split of a cache, through a run or
     through an exported model (``model``: a folder written by `pneumo export`, or its model).
 
-    ``gate_overrides`` replaces the run's gate values that are not None. Progress is reported
-    per image (:mod:`pneumo_cli.core.progress`).
+    ``gate_overrides`` replaces the run's gate values that are not None. ``dicom_seg`` also
+    writes a DICOM Segmentation per DICOM input (:mod:`pneumo_cli.inference.dicom_outputs`).
+    Progress is reported per image (:mod:`pneumo_cli.core.progress`).
 
     Raises:
         PneumoError: no run, unreadable model or export, no inputs, a cache that does not fit
-            the run, an output folder inside an input folder, or bad gate values.
+            the run, ``dicom_seg`` with a cache, an output folder inside an input folder, or
+            bad gate values.
     """
     import dataclasses
 
@@ -300,6 +312,10 @@ def predict_inputs(
 
     if bool(inputs) == (cache is not None):
         raise ConfigError("give INPUT files/folders or --cache CACHE (exactly one of the two)")
+    if dicom_seg and cache is not None:
+        raise ConfigError(
+            "--dicom-seg needs the DICOM files as INPUT: a cache keeps no DICOM headers"
+        )
     predictor = open_predictor(run, model, tta)
     overrides = {k: v for k, v in (gate_overrides or {}).items() if v is not None}
     gate = dataclasses.replace(predictor.gate, **overrides)
@@ -315,6 +331,12 @@ def predict_inputs(
         sources, rejected = file_sources(collect_xray_files(inputs))
         load = file_loader(predictor.settings)
         protect = [p for p in inputs if Path(p).is_dir()]
+    stages = []
+    if dicom_seg:
+        from pneumo_cli.inference.dicom_outputs import SegStage, algorithm_source
+
+        ids = [image_id for image_id, _ in sources]
+        stages.append(SegStage(algorithm_source(predictor), ids, overwrite=overwrite))
     with stage(progress, "predicting", len(sources) + len(rejected)) as advance:
         return predict_sources(
             predictor,
@@ -328,5 +350,6 @@ def predict_inputs(
             workers=workers,
             inputs_to_protect=protect,
             rejected=rejected,
+            stages=stages,
             progress=advance,
         )

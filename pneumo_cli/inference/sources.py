@@ -19,12 +19,14 @@ from pneumo_cli.core.files import (
 
 @dataclass(frozen=True)
 class Item:
-    """One image to predict: id, prepared uint8 (S, S) image, crop box and original (H, W)."""
+    """One image to predict: id, prepared uint8 (S, S) image, crop box, original (H, W) and the
+    file it came from (None for a cache image)."""
 
     image_id: str
     image: np.ndarray
     crop: tuple[int, int, int, int]
     original_shape: tuple[int, int]
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def file_loader(settings: PreprocessConfig) -> Any:
     def load(path: Path) -> Item:
         xray = read_xray(path)
         prepared = prepare_image(xray.image, settings)
-        return Item(image_id_of(path), prepared.image, prepared.crop, prepared.original_shape)
+        return Item(image_id_of(path), prepared.image, prepared.crop, prepared.original_shape, path)
 
     return load
 

@@ -112,7 +112,7 @@ def read_phi(path: str | os.PathLike[str]) -> dict[str, str]:
         return dict.fromkeys(PHI_FIELDS, "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = _open_dataset(path, stop_before_pixels=True)
+        ds = open_dataset(path, stop_before_pixels=True)
         return {name: str(ds.get(name, "") or "").strip() for name in PHI_FIELDS}
 
 
@@ -141,7 +141,7 @@ def read_header(path: str | os.PathLike[str]) -> XRayHeader:
         return XRayHeader(image_id_of(path), "", rows, cols)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = _open_dataset(path, stop_before_pixels=True)
+        ds = open_dataset(path, stop_before_pixels=True)
         uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         rows = int_or_none(ds.get("Rows"))
         cols = int_or_none(ds.get("Columns"))
@@ -187,7 +187,7 @@ def _read_dicom(path: Path, salt: str) -> XRay:
     # Stage-2 SIIM files carry invalid UIDs ("ID_0011fe81e"); pydicom warns, we read on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = _open_dataset(path, stop_before_pixels=False)
+        ds = open_dataset(path, stop_before_pixels=False)
         if "PixelData" not in ds:
             if not has_dicom_preamble(path) and "Rows" not in ds:
                 raise DicomError(f"{path}: not a DICOM file (no DICM preamble, no image header)")
@@ -214,7 +214,7 @@ def _read_dicom(path: Path, salt: str) -> XRay:
     return XRay(image=image, image_id=image_id_of(path), meta=meta)
 
 
-def _open_dataset(path: Path, stop_before_pixels: bool) -> Any:
+def open_dataset(path: Path, stop_before_pixels: bool) -> Any:
     """Parse a DICOM file completely (every element converted, nested ones too).
 
     pydicom converts element values lazily, so a corrupt header would otherwise fail later, at

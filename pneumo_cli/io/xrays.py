@@ -36,6 +36,11 @@ def has_dicom_preamble(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a DICOM file: a .dcm/.dicom suffix or the Part 10 preamble."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES or has_dicom_preamble(path)
+
+
 def is_xray_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` looks like an input X-ray: a DICOM/PNG/JPEG suffix, or no suffix and a
     DICOM preamble. Used to pick files from a folder walk."""

@@ -1,23 +1,22 @@
 """Cheaper TensorFlow ops for parts of a training step, with the same mathematics.
 
-A training step of the resnet34 U-Net (256 px, batch 16, mixed bfloat16, 2-core AVX-512 CPU)
-spends ~80% of its time in convolutions that oneDNN already runs near the machine's peak. Four
-of the remaining costs had cheaper equivalents (TensorFlow profiler, one op thread, per step):
+Most of a training step of the U-Net is convolutions that oneDNN already runs near the
+machine's peak. Four of the remaining costs have cheaper equivalents:
 
-- Keras' Adam updates each variable with 8 element-wise ops (~38 ms); TensorFlow's fused
-  ``ResourceApplyAdam`` kernel does the same update in one pass (~13 ms): :class:`FusedAdam`.
+- Keras' Adam updates each variable with 8 element-wise ops; TensorFlow's fused
+  ``ResourceApplyAdam`` kernel does the same update in one pass: :class:`FusedAdam`.
 - The gradient of 2x nearest-neighbour upsampling (the U-Net decoder's ``UpSampling2D``) is a
-  2x2 sum pool; TensorFlow's ``ResizeNearestNeighborGrad`` takes ~27 ms for the five decoder
-  stages, oneDNN's average pooling times 4 ~5 ms: :func:`fast_upsampling_gradients`.
+  2x2 sum pool, which oneDNN's average pooling (times 4) computes faster than TensorFlow's
+  ``ResizeNearestNeighborGrad``: :func:`fast_upsampling_gradients`.
 - A frozen input BatchNormalization (``--input-norm frozen``, see
-  :func:`pneumo_cli.model.build.set_input_norm`) runs as a fused batch-norm kernel that is slow on a
-  3-channel image (~16 ms); as a multiply-add it takes ~4 ms: :func:`unfuse_frozen_norm`.
+  :func:`pneumo_cli.model.build.set_input_norm`) runs as a fused batch-norm kernel that is slow
+  on a 3-channel image; as a multiply-add it is cheap: :func:`unfuse_frozen_norm`.
 - The encoder pads the input of each 3x3 convolution in a layer of its own (a copy forward, a
   slice backward); a 'SAME' convolution pads inside oneDNN: :func:`fold_zero_padding`.
 
-Measured in one process, alternating models: the first three +3.5%, the padding +3-5% more
-(``benchmarks/bench_precision.py`` compares them with plain Keras ops). None changes what is
-saved: weights, model files and optimizer checkpoints keep the layout of the plain layers.
+``benchmarks/bench_precision.py`` measures them against plain Keras ops on the machine at hand
+(the README records the numbers and the CPU). None changes what is saved: weights, model files
+and optimizer checkpoints keep the layout of the plain layers.
 """
 
 from __future__ import annotations
@@ -134,9 +133,9 @@ def fold_zero_padding(net: Any) -> int:
     layer (a copy of the activation, and a slice of its gradient). oneDNN pads inside the
     convolution for free: a padding of (k - 1) / 2 on every side followed by a stride-1 'valid'
     k x k convolution is exactly a 'SAME' convolution. Strided pairs stay as they are ('SAME'
-    pads them differently, and TensorFlow's explicit padding has no oneDNN gradient: measured
-    60x slower). Only pairs where the padding feeds that convolution alone change; the layers
-    stay plain Keras layers in saved models. Call before the model is first traced.
+    pads them differently, and TensorFlow's explicit padding has no oneDNN gradient, which
+    makes it far slower). Only pairs where the padding feeds that convolution alone change; the
+    layers stay plain Keras layers in saved models. Call before the model is first traced.
 
     Returns:
         The number of ZeroPadding2D layers folded.

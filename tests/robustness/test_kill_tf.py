@@ -108,6 +108,46 @@ def test_killed_predict_resumes_to_a_clean_result(predict_job, seed: int) -> Non
     assert temporaries(out) == []
 
 
+def _seg_content(folder: Path) -> dict[str, tuple]:
+    """Per SEG: pixel data, referenced source image and study; the SEG's own UIDs differ from
+    job to job (a new series each), so they are compared within a job only."""
+    import pydicom
+
+    content = {}
+    for path in sorted(folder.glob("*.dcm")):
+        seg = pydicom.dcmread(path)
+        referenced = seg.ReferencedSeriesSequence[0]
+        content[path.name] = (
+            bytes(seg.PixelData),
+            referenced.SeriesInstanceUID,
+            referenced.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID,
+            seg.StudyInstanceUID,
+        )
+    return content
+
+
+def test_killed_predict_with_dicom_seg_resumes_to_the_same_segs(predict_job) -> None:
+    root, args, _ = predict_job
+    command = [*args, "--dicom-seg"]
+    _invoke(_swap(command, OUT=root / "seg-clean"))
+    clean = _seg_content(root / "seg-clean" / "dicom-seg")
+    assert len(clean) == 40
+    out = root / "seg-killed"
+    _kill_when(_swap(command, OUT=out), lambda: len(list(out.glob("dicom-seg/*.dcm"))) >= 12, 0.0)
+    assert 12 <= len(list(out.glob("dicom-seg/*.dcm"))) < 40
+    _invoke(_swap(command, OUT=out))
+    assert _seg_content(out / "dicom-seg") == clean
+    assert temporaries(out) == []
+    import pydicom
+
+    series = {pydicom.dcmread(p).SeriesInstanceUID for p in (out / "dicom-seg").glob("*.dcm")}
+    studies = {value[3] for value in clean.values()}
+    assert len(series) == len(studies)  # the resumed job kept its series: one per study
+    masks = {k: v for k, v in tree_bytes(out).items() if k.startswith(("masks/", "probs/"))}
+    clean_masks = tree_bytes(root / "seg-clean")
+    assert masks == {k: v for k, v in clean_masks.items() if k.startswith(("masks/", "probs/"))}
+
+
 # --- evaluate (model mode) ---------------------------------------------------------------------
 
 

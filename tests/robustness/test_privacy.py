@@ -152,10 +152,11 @@ def phi_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_predict_evaluate_never_write_or_print_patient_fields(
     phi_raw: Path, tmp_path: Path
 ) -> None:
-    """preprocess (64 px) -> train (resnet18, 1 short epoch) -> predict (in a real process, so
-    native logs are searched too) -> evaluate --tune and on test -> overlay of the predicted masks
-    -> a refused resume:
-    no artifact and no console output holds a patient field."""
+    """preprocess (64 px) -> train (resnet18, 1 short epoch) -> predict --dicom-seg (in a real
+    process, so native logs are searched too) -> evaluate --tune and on test -> overlay of the
+    predicted masks -> a refused resume:
+    no console output holds a patient field, and no artifact but the DICOM SEGs, which carry
+    their source's patient module so that a PACS files them with the patient."""
     labels = phi_raw.parent / "labels.csv"
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     run = runs / "phi"
@@ -165,7 +166,8 @@ def test_train_predict_evaluate_never_write_or_print_patient_fields(
         ["train", "--cache", cache, "--runs-dir", runs, "--name", "phi", "--encoder", "resnet18",
          "--encoder-weights", "none", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
          "2", "--gpus", "0"],
-        ["predict", phi_raw, "--run", run, "--out", tmp_path / "pred", "--save-probs", "--json"],
+        ["predict", phi_raw, "--run", run, "--out", tmp_path / "pred", "--save-probs",
+         "--dicom-seg", "--json"],
         ["evaluate", "--run", run, "--tune", "--out", tmp_path / "ev"],
         ["evaluate", "--run", run, "--split", "test", "--at", "model", "--json"],
         ["overlay", phi_raw, "--masks", tmp_path / "pred" / "masks", "--out", tmp_path / "ov"],
@@ -188,8 +190,15 @@ def test_train_predict_evaluate_never_write_or_print_patient_fields(
     assert {"cache", "runs", "pred", "ev", "ov"} <= folders
     assert (run / "best.keras").is_file() and (run / "eval-test" / "metrics.json").is_file()
     assert len(artifacts) > 60
+    segs = sorted((tmp_path / "pred" / "dicom-seg").glob("*.dcm"))
+    assert len(segs) == 14
+    for seg in segs:  # filed with its patient: the source's own name and ID are inside
+        fields = phi_of(int(seg.stem[1:]) % 10) | {"PatientID": f"PHI-ID-4815162{seg.stem[1:]}"}
+        data = seg.read_bytes()
+        assert fields["PatientID"].encode() in data and fields["PatientName"].encode() in data
     found = {str(p.relative_to(tmp_path)): leaks(p.read_bytes()) for p in artifacts}
-    assert {name: hits for name, hits in found.items() if hits} == {}
+    leaking = {name for name, hits in found.items() if hits}
+    assert leaking == {str(seg.relative_to(tmp_path)) for seg in segs}
 
 
 def test_demo_data_never_prints_the_patient_fields_it_writes(tmp_path: Path) -> None:

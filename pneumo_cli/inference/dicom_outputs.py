@@ -1,0 +1,152 @@
+"""DICOM outputs of `pneumo predict`: a DICOM Segmentation for every DICOM input (``--dicom-seg``).
+
+The SEG is written as a stage of the predict pipeline (:class:`SegStage`), in the writer threads,
+after the image's mask and before its record, so an image counts as finished only once its SEG
+exists: a predict that is interrupted and run again writes the missing SEGs, and ``--overwrite``
+replaces them. All SEGs of one predict job share one new series per study; the series is saved
+in ``OUT/dicom-seg/series.json`` so a resumed job keeps adding to it (``--overwrite`` starts a
+new one).
+
+Per image the record notes what happened: ``dicom_seg`` is the SEG's file name, or "" for an
+input that is not DICOM (PNG/JPEG get no SEG, only a note) or whose header cannot make a valid
+SEG (the reason goes to ``OUT/dicom-seg/rejected.csv``; its mask and CSV row are kept).
+
+Privacy: a SEG carries the source's patient module, as it must to be filed with that patient;
+nothing else written here holds patient data.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo_cli.core.errors import InputError
+from pneumo_cli.core.files import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from pneumo_cli.inference.sources import Item
+
+SEG_FOLDER = "dicom-seg"
+SERIES_FILE = "series.json"
+SEG_REJECTED_FILE = "rejected.csv"
+NOT_DICOM = "not DICOM"
+
+
+class SegStage:
+    """Writes ``OUT/dicom-seg/<ImageId>.dcm`` for each predicted DICOM input.
+
+    ``source`` names what made the masks (it goes into the SEG's algorithm identification);
+    ``image_ids`` are every ImageId of the job, numbered in sorted order as the SEGs'
+    InstanceNumber, so a resumed job numbers them as an uninterrupted one would.
+    """
+
+    def __init__(self, source: str, image_ids: list[str], overwrite: bool = False) -> None:
+        self.source = source
+        self.instance_numbers = {image_id: n for n, image_id in enumerate(sorted(image_ids), 1)}
+        self.overwrite = overwrite
+        self.series: Any = None
+        # write_seg changes process-wide warning and validation settings while it runs.
+        self._lock = threading.Lock()
+
+    def prepare(self, out: Path) -> None:
+        from pneumo_cli import __version__
+        from pneumo_cli.io.dicom_seg import SegSeries, new_seg_series
+
+        folder = out / SEG_FOLDER
+        folder.mkdir(exist_ok=True)
+        remove_stale_temporaries(folder)
+        saved = folder / SERIES_FILE
+        if saved.is_file() and not self.overwrite:
+            self.series = _read_series(saved, SegSeries)
+        else:
+            self.series = new_seg_series(self.source, __version__)
+            atomic_write_json(saved, dataclasses.asdict(self.series))
+
+    def done(self, out: Path, record: dict[str, Any]) -> bool:
+        name = record.get("dicom_seg")
+        if name is None:
+            return False  # predicted without --dicom-seg
+        return name == "" or (out / SEG_FOLDER / name).is_file()
+
+    def write(self, out: Path, item: Item, mask: np.ndarray) -> dict[str, Any]:
+        from pneumo_cli.io.dicom_seg import write_seg
+        from pneumo_cli.io.xrays import is_dicom_file
+
+        if item.source is None or not is_dicom_file(item.source):
+            return {"dicom_seg": "", "dicom_seg_note": NOT_DICOM}
+        name = f"{item.image_id}.dcm"
+        try:
+            with self._lock:
+                write_seg(
+                    item.source,
+                    mask,
+                    self.series,
+                    out / SEG_FOLDER / name,
+                    instance_number=self.instance_numbers.get(item.image_id, 1),
+                )
+        except InputError as exc:
+            reason = " ".join(str(exc).split()).removeprefix(f"{item.source}: ")
+            return {"dicom_seg": "", "dicom_seg_note": f"refused: {reason}"}
+        return {"dicom_seg": name}
+
+    def finish(self, out: Path, records: list[dict[str, Any]]) -> dict[str, int]:
+        """Write ``dicom-seg/rejected.csv`` and count what the job's records say."""
+        refused = [
+            (r["ImageId"], r["dicom_seg_note"].removeprefix("refused: "))
+            for r in records
+            if r.get("dicom_seg_note", "").startswith("refused: ")
+        ]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["ImageId", "reason"])
+        writer.writerows(refused)
+        atomic_write_text(out / SEG_FOLDER / SEG_REJECTED_FILE, buffer.getvalue())
+        return {
+            "dicom_seg_written": sum(1 for r in records if r.get("dicom_seg")),
+            "dicom_seg_not_dicom": sum(1 for r in records if r.get("dicom_seg_note") == NOT_DICOM),
+            "dicom_seg_refused": len(refused),
+        }
+
+
+def _read_series(path: Path, cls: type) -> Any:
+    """The saved series of a job being resumed.
+
+    Raises:
+        InputError: the file is damaged (the message says how to go on).
+    """
+    import json
+
+    try:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"{path} is damaged ({exc}); delete it (the job's next SEGs start a new series) or "
+            "use --overwrite"
+        ) from None
+
+
+def algorithm_source(predictor: Any) -> str:
+    """What made the masks, for the SEG's algorithm identification (a DICOM LO, <= 64 chars):
+    the run or export folder's name and a short hash of its model file."""
+    path = Path(predictor.source)
+    kind = "run" if getattr(predictor, "info", None) is None else "export"
+    info = getattr(predictor, "info", None)  # an exported model's manifest
+    model = path / "best.keras" if info is None else info.model_path
+    digest = ""
+    if model is not None and Path(model).is_file():
+        digest = " model sha256 " + _sha256(Path(model))[:12]
+    name = path.name[: 64 - len(kind) - len(digest) - 1]
+    return f"{kind} {name}{digest}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
