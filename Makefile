@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Inner loop: only the tests that start no TensorFlow (no lint, no model). `--no-tf` is defined
+# in tests/conftest.py: it deselects the tests marked `tf` (training, inference, export, ...)
+# and makes importing TensorFlow an error. `make test` (the full suite) is what CI runs.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest --no-tf
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/quickstart.sh

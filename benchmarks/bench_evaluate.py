@@ -12,8 +12,6 @@ are synthetic 256 x 256 probability maps (blurred blobs of random confidence plu
 from __future__ import annotations
 
 import csv
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
 
 from pneumo_cli.core.metrics import dice_score
 from pneumo_cli.evaluation.scoring import score_submission, write_evaluation
@@ -182,8 +181,7 @@ def main() -> None:
         f"(the default 0.5/0/0.5/0 gate: {default.mean_dice:.4f})"
     )
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
-    print("caveat: other helpers may run CPU-heavy tests on this 2-core box at the same time\n")
+    print(machine_line() + "\n")
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement'.ljust(width)}  {'time':>9}  target")
     for name, value, target in rows:

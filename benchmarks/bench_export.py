@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -169,6 +170,7 @@ def main() -> None:
         f"{'path':<24} {'1 image ms':>10} {'b16 img/s':>9} {'MB':>6} {'export s':>8} "
         f"{'max|dp|':>8} {'mean|dp|':>9} {'agree %':>8} {'Dice':>6} {'parity':>6}"
     )
+    print(machine_line())
     print(header)
     print("-" * len(header))
     for label, latency, throughput, parity, export_seconds in rows:

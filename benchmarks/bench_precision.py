@@ -7,7 +7,7 @@ Sections (each runs in fresh processes so thread and oneDNN settings take effect
   default threading, intra-op threads = cores with inter-op 1, the encoder's input
   normalisation trained (``--input-norm trainable``) instead of frozen, pneumo's fast paths
   undone (``plain Keras ops``: Keras' Adam, upsampling gradient, fused input batch norm and
-  zero-padding layers, see ``pneumo_cli/fastpaths.py``), and oneDNN off. Each is batch / the
+  zero-padding layers, see ``pneumo_cli/model/fastpaths.py``), and oneDNN off. Each is batch / the
   median time between the ends of consecutive steps, after a warm-up fit; with ``--repeat N``,
   the median of N processes (run interleaved; one process's speed varies by ~4% from the next
   here).
@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
+
 REPO = Path(__file__).resolve().parents[1]
 GFLOP_PER_IMAGE_STEP = 3 * 15.7  # at 256 px, resnet34 U-Net
 PEAK_GFLOPS = {"fp32": 533.0, "bf16": 989.0}
@@ -50,14 +52,15 @@ _SPEED_CHILD = """
 import json, os, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
-from pneumo_cli import fastpaths, losses, model
+from pneumo_cli.engine import tf as engine
+from pneumo_cli.model import build, encoders, fastpaths, losses
 precision, batch, size, steps, threads = {precision!r}, {batch}, {size}, {steps}, {threads}
-tf = model.import_tf()
+tf = engine.import_tf()
 if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 input_norm = {input_norm!r}
-net = model.build_model(
+net = build.build_model(
     "resnet34", size, encoder_weights=None, precision=precision, input_norm=input_norm
 )
 optimizer = fastpaths.FusedAdam(1e-4)  # pneumo train's
@@ -67,10 +70,10 @@ if {plain}:  # undo pneumo's fast paths (fastpaths.py): Keras' Adam and layer ca
         if "call" in vars(layer):
             del layer.call
     if input_norm == "frozen":
-        net.get_layer(model.INPUT_NORM_LAYER).fused = True
+        net.get_layer(build.INPUT_NORM_LAYER).fused = True
 net.compile(optimizer=optimizer, loss=losses.bce_loss)
 rng = np.random.default_rng(0)
-x = model.scale_input(rng.integers(0, 256, (batch, size, size, 1)), "raw-0-255")
+x = encoders.scale_input(rng.integers(0, 256, (batch, size, size, 1)), "raw-0-255")
 y = tf.constant((rng.random((batch, size, size, 1)) > 0.9).astype(np.float32))
 data = tf.data.Dataset.from_tensors((x, y)).repeat()
 ends = []
@@ -228,6 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
+    print(machine_line())
     print(f"resnet34 U-Net, {args.image_size} px, batch {args.batch_size}, "
           f"{args.steps} timed steps, {args.repeat} process(es) per row, "
           f"{os.cpu_count()} CPU(s)")  # fmt: skip

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -95,10 +96,12 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM")
     parser.add_argument("--repeats", type=int, default=8, help="timed network batches")
     parser.add_argument("--run", type=Path, help="a trained run instead of a random-weights one")
+    parser.add_argument("--seg-rounds", type=int, default=3, help="timed runs with/without SEG")
     args = parser.parse_args()
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
 
+    from pneumo_cli.inference.dicom_outputs import SegStage
     from pneumo_cli.inference.predict import predict_sources
     from pneumo_cli.inference.predictor import load_predictor
     from pneumo_cli.inference.sources import file_loader, file_sources
@@ -137,6 +140,19 @@ def main() -> None:
                 model, sources, out, load=load, batch_size=batch, overwrite=True
             )
             pipeline[name] = (summary, summary.predicted / (time.perf_counter() - start))
+        # DICOM SEG writing (predict --dicom-seg) against the same job without it, alternating
+        # so that both see the same machine state; median of args.seg_rounds each.
+        seg_rates: dict[str, list[float]] = {"without": [], "with": []}
+        ids = [image_id for image_id, _ in sources]
+        for _ in range(args.seg_rounds):
+            for kind in ("without", "with"):
+                stages = [SegStage("benchmark run", ids, overwrite=True)] if kind == "with" else []
+                start = time.perf_counter()
+                summary = predict_sources(
+                    models[0][1], sources, out, load=load, batch_size=batch, overwrite=True,
+                    stages=stages,
+                )  # fmt: skip
+                seg_rates[kind].append(summary.predicted / (time.perf_counter() - start))
         one_dicom = []
         for _ in range(10):
             start = time.perf_counter()
@@ -146,6 +162,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     load_avg = os.getloadavg()[0]
+    print(machine_line())
     print(f"resnet34 U-Net at {size} px, batch {batch}, float32, {os.cpu_count()} cores, "
           f"load average {load_avg:.1f} at the end")  # fmt: skip
     print(f"{'measurement':62s} {'value':>8s}")
@@ -160,6 +177,13 @@ def main() -> None:
              f"{rate:.1f}"),
             (f"pipeline / bare network, {label}", f"{rate / network_rate:.0%}"),
         ]  # fmt: skip
+    without, with_seg = (statistics.median(seg_rates[k]) for k in ("without", "with"))
+    first = labels[next(iter(pipeline))]
+    rows += [
+        (f"pipeline, {first}, images/s (median of {args.seg_rounds})", f"{without:.1f}"),
+        (f"same with --dicom-seg, images/s (median of {args.seg_rounds})", f"{with_seg:.1f}"),
+        ("cost of --dicom-seg (1 - with / without; goal <= 10%)", f"{1 - with_seg / without:.1%}"),
+    ]
     rows += [
         ("network latency at batch 1, median ms", f"{statistics.median(single) * 1e3:.1f}"),
         ("one DICOM end to end (model loaded), median ms",

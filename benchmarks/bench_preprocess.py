@@ -19,6 +19,8 @@ import time
 import warnings
 from pathlib import Path
 
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SIIM = REPO.parent / "shared" / "siim"
@@ -111,6 +113,7 @@ def main() -> None:
         work = Path(folder)
         (work / "raw").mkdir()
         count = make_raw(work / "raw", args.copies)
+        print(machine_line())
         print(f"{count} real 1024x1024 JPEG DICOMs ({args.copies} copies of 8), image_size 256")
         warm_up(work / "raw")
         print(f"{'workers':>8} {'seconds':>8} {'images/s':>9}")

@@ -6,7 +6,6 @@ Targets (issue 2): all 12,954 rows decoded in memory in < 2 s; rle-decode to PNG
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import sys
@@ -14,6 +13,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
 
 from pneumo_cli.io import rle
 from pneumo_cli.io.rle_files import decode_csv
@@ -57,10 +58,7 @@ def main() -> None:
             (f"rle-decode to PNGs, {workers} thread(s)", summary.written, "masks", elapsed)
         )
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}"
-    )
+    print(f"{machine_line()}, Python {platform.python_version()}")
     print(f"{'step':40s} {'items':>7s} {'unit':>7s} {'seconds':>8s} {'per second':>11s}")
     for name, count, unit, seconds in results:
         print(f"{name:40s} {count:7d} {unit:>7s} {seconds:8.2f} {count / seconds:11.0f}")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,6 +104,7 @@ def main() -> None:
         rows.append(("pipeline alone (no model)", count / (time.perf_counter() - start)))
 
     peak = PEAK_GFLOPS[args.precision]
+    print(machine_line())
     print(f"{args.encoder} U-Net, {size} px, batch {batch}, {args.precision}, "
           f"{tf_engine.keras_engine()}, {args.steps} timed steps")  # fmt: skip
     print(f"{'setting':<30} {'images/s':>9} {'GFLOP/s':>9} {'% of peak':>10}")

@@ -461,3 +461,47 @@ def test_missing_type2_patient_and_study_attributes_are_added_empty(series, tmp_
     seg, parsed = read_seg(tmp_path / "seg.dcm")
     assert seg.PatientBirthDate == "" and seg.PatientID == "P-1"
     np.testing.assert_array_equal(seg_frame(parsed, header(source).SOPInstanceUID), mask)
+
+
+@pytest.mark.parametrize("with_highdicom", [True, False])
+def test_read_back_check_catches_a_frame_that_differs(
+    real_train_dicoms, series, tmp_path: Path, with_highdicom: bool
+) -> None:
+    """Both read-back checks (highdicom's reader, or pydicom and the unpacked bits) compare the
+    written frame with the mask, so a SEG of other pixels is never written."""
+    source = next(iter(real_train_dicoms.values()))
+    mask = disc_and_rectangle()
+    write_seg(source, mask, series, tmp_path / "seg.dcm", instance_number=1, full_check=False)
+    data = (tmp_path / "seg.dcm").read_bytes()
+    ds = header(source)
+    dicom_seg._check_read_back(data, mask, ds, source, with_highdicom=with_highdicom)
+    other = mask.copy()
+    other[0, 0] ^= 1
+    with pytest.raises(RuntimeError, match="pixels differ from the mask"):
+        dicom_seg._check_read_back(data, other, ds, source, with_highdicom=with_highdicom)
+
+
+def test_header_signature_groups_headers_built_the_same_way(siim: Path) -> None:
+    from pneumo_cli.io.seg_headers import header_signature
+
+    samples = {header_signature(p) for p in sorted((siim / "dicom-sample").glob("*.dcm"))}
+    stage2 = {header_signature(p) for p in sorted((siim / "dicom-odd").glob("stage2_*.dcm"))}
+    assert len(samples) == 1 and len(stage2) == 1  # one full read-back covers each group
+    assert samples != stage2  # the broken stage-2 headers are read back fully on their own
+
+
+def test_a_signature_set_reads_back_with_highdicom_once_per_header_kind(
+    siim: Path, series, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = hd.seg.Segmentation.from_dataset
+    monkeypatch.setattr(
+        hd.seg.Segmentation, "from_dataset", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    seen: set[tuple] = set()
+    sources = sorted((siim / "dicom-sample").glob("*.dcm"))[:3]
+    sources += sorted((siim / "dicom-odd").glob("stage2_*.dcm"))[:2]
+    for n, source in enumerate(sources, 1):
+        mask = disc_and_rectangle()
+        write_seg(source, mask, series, tmp_path / f"{n}.dcm", instance_number=n, full_check=seen)
+    assert len(calls) == 2 and len(seen) == 2  # one sample header, one stage-2 kind

@@ -6,12 +6,16 @@ import json
 import re
 import shutil
 
+import cv2
+import numpy as np
 import pandas as pd
 from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
+from pneumo_cli.core.config import to_dict
 from pneumo_cli.evaluation.scoring import score_submission
-from pneumo_cli.inference.postprocess import load_gate
+from pneumo_cli.inference.postprocess import Gate, load_gate
+from pneumo_cli.inference.predictor import load_predictor
 
 runner = CliRunner()
 
@@ -67,7 +71,26 @@ def test_score_test_at_model_resolution(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["resolution"] == {"at": "model", "height": 64, "width": 64}
-    assert 0.0 <= metrics["mean_dice"] <= 1.0
+    # Recomputed independently: the run's network on the cached test images (default gate, so a
+    # pixel is predicted when > 0.5) against the cached 64 px masks, Dice per image, then mean.
+    assert metrics["gate"] == to_dict(Gate()) and metrics["tta"] == "none"
+    manifest = pd.read_csv(tiny_run["cache"] / "manifest.csv")
+    test = manifest[(manifest["split"] == "test") & manifest["mask"].notna()]
+    images = np.stack([cv2.imread(str(tiny_run["cache"] / f), 0) for f in test["image"]])
+    truths = np.stack([cv2.imread(str(tiny_run["cache"] / f), 0) > 0 for f in test["mask"]])
+    predictor = load_predictor(tiny_run["run"])
+    probs = np.concatenate([predictor.probabilities(images[i : i + 8])  # evaluate's batches
+                            for i in range(0, len(images), 8)])  # fmt: skip
+    preds = probs > 0.5
+    shared = (truths & preds).sum(axis=(1, 2))
+    total = truths.sum(axis=(1, 2)) + preds.sum(axis=(1, 2))
+    dice = np.where(total > 0, 2 * shared / np.maximum(total, 1), 1.0)
+    per_image = pd.read_csv(out / "per_image.csv").set_index("ImageId").loc[test["ImageId"]]
+    np.testing.assert_array_equal(per_image["truth_area"], truths.sum(axis=(1, 2)))
+    np.testing.assert_array_equal(per_image["pred_area"], preds.sum(axis=(1, 2)))
+    np.testing.assert_allclose(per_image["dice"], dice, atol=1e-9)
+    assert metrics["n_images"] == len(test) > 0
+    assert abs(metrics["mean_dice"] - dice.mean()) < 1e-9
     assert not (tiny_run["run"] / "eval-test").exists()  # --out was honoured
 
 

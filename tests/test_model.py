@@ -275,7 +275,9 @@ def test_trainable_input_norm_learns_and_frozen_does_not() -> None:
 
 
 def test_input_norm_mode_is_checked_and_encoders_without_one_are_left_alone() -> None:
-    with pytest.raises(ConfigError, match="--input-norm learned: choose one of frozen, trainable"):
+    with pytest.raises(
+        ConfigError, match="--input-norm 'learned': choose one of: frozen, trainable"
+    ):
         build.build_model("resnet18", 64, encoder_weights=None, input_norm="learned")
     plain = tf.keras.Sequential([tf.keras.Input((8, 8, 3)), tf.keras.layers.Conv2D(1, 1)])
     assert build.set_input_norm(plain, "frozen", random_start=True) is False

@@ -19,6 +19,7 @@ from pneumo_cli.inference.postprocess import Gate, save_gate
 from pneumo_cli.inference.predictor import load_predictor
 from pneumo_cli.inference.sources import Item
 from pneumo_cli.io import rle
+from pneumo_cli.io.dicom_read import read_xray
 
 runner = CliRunner()
 
@@ -104,7 +105,13 @@ def test_predict_real_dicoms_at_original_size(tiny_run, real_train_dicoms, tmp_p
         np.testing.assert_array_equal(decoded, mask > 0)
         assert int(row["area_px"]) == int(decoded.sum())
         assert int(row["has_pneumothorax"]) == int(decoded.any())
-        assert 0.0 <= float(row["max_prob"]) <= 1.0
+    # max_prob is the peak of the network's map of that very image: recomputed from the DICOM
+    # through the run's recorded preprocessing and one batch through the predictor.
+    predictor = load_predictor(tiny_run["run"])
+    prepared = [prepare_image(read_xray(real_train_dicoms[r["ImageId"]]).image, predictor.settings)
+                for r in rows]  # fmt: skip
+    peaks = predictor.probabilities(np.stack([p.image for p in prepared])).max(axis=(1, 2))
+    np.testing.assert_allclose([float(r["max_prob"]) for r in rows], peaks, atol=1e-5)
     submission = (out / "submission.csv").read_text().splitlines()
     assert submission[0] == "ImageId,EncodedPixels" and len(submission) == 4
 

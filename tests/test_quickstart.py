@@ -15,8 +15,31 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
+
+from pneumo_cli.io.rle import decode_union, read_rle_csv
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _mean_dice_of_files(predictions: Path, cache: Path) -> tuple[list[str], float]:
+    """The sorted ImageIds of ``predictions`` (an RLE CSV) and their mean SIIM Dice against
+    ``cache/truth.csv``, both decoded here at each image's original size (from the manifest)."""
+    with open(cache / "manifest.csv") as handle:
+        sizes = {r["ImageId"]: (int(r["orig_height"]), int(r["orig_width"]))
+                 for r in csv.DictReader(handle)}  # fmt: skip
+    strings: dict[Path, dict[str, list[str]]] = {}
+    for path in (predictions, cache / "truth.csv"):
+        for row in read_rle_csv(path):
+            strings.setdefault(path, {}).setdefault(row.image_id, []).append(row.encoded)
+    predicted, truth = strings[predictions], strings[cache / "truth.csv"]
+    scores = []
+    for image_id in sorted(predicted):
+        pred = decode_union(predicted[image_id], *sizes[image_id]) > 0
+        true = decode_union(truth[image_id], *sizes[image_id]) > 0
+        total = int(pred.sum() + true.sum())
+        scores.append(2 * int((pred & true).sum()) / total if total else 1.0)  # empty vs empty
+    return sorted(predicted), float(np.mean(scores))
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
@@ -59,7 +82,12 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for split in ("val", "test"):
         folder = run / f"eval-{split}"
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["split"] == split and 0.0 <= metrics["mean_dice"] <= 1.0
+        assert metrics["split"] == split and metrics["resolution"]["at"] == "original"
+        ids, mean_dice = _mean_dice_of_files(folder / "predictions.csv", cache)
+        with open(folder / "per_image.csv") as handle:
+            assert sorted(row["ImageId"] for row in csv.DictReader(handle)) == ids
+        assert metrics["n_images"] == len(ids) > 0
+        assert abs(metrics["mean_dice"] - mean_dice) < 1e-9
         for name in ("per_image.csv", "roc.png", "pr.png", "dice_hist.png", "report.html"):
             assert (folder / name).is_file(), f"eval-{split}/{name}"
     assert json.loads((demo / "test-metrics.json").read_text()) == json.loads(

@@ -52,6 +52,8 @@ class SegStage:
         self.series: Any = None
         # write_seg changes process-wide warning and validation settings while it runs.
         self._lock = threading.Lock()
+        # Header signatures whose SEGs highdicom has read back in this job (see write_seg).
+        self._read_back: set[tuple] = set()
 
     def prepare(self, out: Path) -> None:
         from pneumo_cli import __version__
@@ -88,6 +90,7 @@ class SegStage:
                     self.series,
                     out / SEG_FOLDER / name,
                     instance_number=self.instance_numbers.get(item.image_id, 1),
+                    full_check=self._read_back,
                 )
         except InputError as exc:
             reason = " ".join(str(exc).split()).removeprefix(f"{item.source}: ")

@@ -30,8 +30,11 @@ Decisions:
   reference to the source image. highdicom 0.28 would copy PixelSpacing into a Pixel Measures
   Sequence without SliceThickness, which its own reader rejects, so the header copy drops
   PixelSpacing in that case (the SEG shares the source's pixel grid anyway).
-- **Read-back check.** Every SEG is parsed again with pydicom and highdicom, and its frame
-  compared with the mask, before it is written (about 10 ms at 1024 x 1024).
+- **Read-back check.** Every SEG is parsed again with pydicom and its frame compared with the
+  mask before it is written; with ``full_check`` it is also read with highdicom's SEG reader,
+  which costs more than the rest of the check. Whether highdicom can read a SEG depends on the
+  header's geometry attributes, not on the pixels, so a caller writing many SEGs reads the first
+  one of each :func:`header_signature` fully (as `pneumo predict` does).
 
 Privacy: a SEG must carry the patient module to be filed with its patient; nothing else here
 does. Return values hold only UIDs and paths, warnings from pydicom/highdicom (which can quote
@@ -40,7 +43,6 @@ names) are silenced, and exception messages have patient-identifying values reda
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import re
@@ -51,10 +53,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pneumo_cli.core.errors import ConfigError, DicomError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.core.files import atomic_write_bytes
 from pneumo_cli.io.dicom_read import PHI_FIELDS, open_dataset
-from pneumo_cli.io.xrays import has_dicom_preamble
+from pneumo_cli.io.seg_headers import header_signature, repair_source_header
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -68,12 +70,6 @@ SERIES_DESCRIPTION = "pneumo AI pneumothorax segmentation - not for diagnosis"
 # High enough to sort after the acquired series of a study; any positive number is valid.
 DEFAULT_SERIES_NUMBER = 9901
 _LO_MAX_CHARS = 64  # DICOM LO (long string), the VR of every text set here
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-# Type 2 attributes of the Patient and General Study modules, which a SEG copies from its source.
-_TYPE2_COPIED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)  # fmt: skip
 _PHI_KEYWORDS = (*PHI_FIELDS, "OtherPatientIDs", "ReferringPhysicianName", "PatientAddress")
 
 
@@ -181,6 +177,7 @@ def write_seg(
     out_path: str | os.PathLike[str],
     *,
     instance_number: int,
+    full_check: bool | set[tuple] = True,
 ) -> WrittenSeg:
     """Write the binary DICOM SEG of ``mask`` over the X-ray ``source_path``, atomically.
 
@@ -191,6 +188,10 @@ def write_seg(
         series: the predict call's series, from :func:`new_seg_series`.
         out_path: the SEG file to write (replaced atomically if it exists).
         instance_number: InstanceNumber of the SEG in its series (positive).
+        full_check: read the SEG back with highdicom too; without it the bytes are parsed
+            with pydicom and the frame compared with the mask. A set of header signatures
+            (:func:`~pneumo_cli.io.seg_headers.header_signature`) means: fully for a header
+            whose signature is not in it yet, then added to it.
 
     Raises:
         InputError: the source is not a readable single-frame DICOM image, has no valid SOP
@@ -211,7 +212,12 @@ def write_seg(
         binary = _check_mask(mask, source, source_path)
         sop_uid = _seg_sop_uid(series, source.SOPInstanceUID, out_path.name)
         data = _encode_seg(source, binary, series, sop_uid, instance_number, source_path)
-        _check_read_back(data, binary, source, source_path)
+        # What was repaired is part of how the header was built, so it joins the signature.
+        signature = (header_signature(source), repairs) if isinstance(full_check, set) else None
+        fully = signature not in full_check if isinstance(full_check, set) else full_check
+        _check_read_back(data, binary, source, source_path, with_highdicom=fully)
+        if isinstance(full_check, set):
+            full_check.add(signature)
     atomic_write_bytes(out_path, data)
     return WrittenSeg(
         path=out_path,
@@ -223,74 +229,6 @@ def write_seg(
         empty=not binary.any(),
         repairs=repairs,
     )
-
-
-def repair_source_header(ds: Dataset, path: Path) -> tuple[Dataset, tuple[str, ...]]:
-    """A copy of the header ``ds`` with valid identifiers, and notes on what was repaired.
-
-    SOP Class/Instance UIDs that are not valid UIDs come from the file meta; empty or invalid
-    Study/Series Instance UIDs are generated from the SOP Instance UID (deterministic). Type 2
-    patient and study attributes the SEG copies (name, ID, birth date, sex, study date...) are
-    added empty where the source lacks them, as the standard allows. An image
-    without Frame of Reference loses PixelSpacing when it has no SliceThickness (see the module
-    docstring). ``ds`` itself is not modified.
-
-    Raises:
-        DicomError: not a DICOM image (no Rows/Columns), or several frames.
-        InputError: no valid SOP Instance or SOP Class UID anywhere.
-        Messages name ``path``.
-    """
-    from pydicom.uid import generate_uid
-
-    if _positive_int(ds.get("Rows")) is None or _positive_int(ds.get("Columns")) is None:
-        if not has_dicom_preamble(path):
-            raise DicomError(f"{path}: not a DICOM file (no DICM preamble, no image header)")
-        raise DicomError(f"{path}: DICOM header has no image size (Rows/Columns); not an image")
-    frames = _positive_int(ds.get("NumberOfFrames")) or 1
-    if frames > 1:
-        raise DicomError(f"{path}: multi-frame DICOM ({frames} frames); a SEG needs one image")
-    ds = copy.deepcopy(ds)
-    meta = getattr(ds, "file_meta", None) or {}
-    repairs: list[str] = []
-    for keyword, meta_keyword in (
-        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
-        ("SOPClassUID", "MediaStorageSOPClassUID"),
-    ):
-        if _is_uid(ds.get(keyword)):
-            continue
-        if not _is_uid(meta.get(meta_keyword)):
-            raise InputError(
-                f"{path}: no valid {keyword} in the header or the file meta, so a SEG could not "
-                "reference this image; fix the header or leave --dicom-seg off"
-            )
-        setattr(ds, keyword, str(meta.get(meta_keyword)))
-        repairs.append(f"{keyword} from {meta_keyword}")
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if not _is_uid(ds.get(keyword)):
-            entropy = [f"pneumo-source-{keyword}", str(ds.SOPInstanceUID)]
-            setattr(ds, keyword, str(generate_uid(entropy_srcs=entropy)))
-            repairs.append(f"{keyword} generated")
-    for keyword in _TYPE2_COPIED:
-        if keyword not in ds:
-            setattr(ds, keyword, "")  # Type 2: present and empty is valid; absent is not
-            repairs.append(f"empty {keyword} added")
-    has_position = "FrameOfReferenceUID" in ds and "ImagePositionPatient" in ds
-    if not has_position and "SliceThickness" not in ds and "PixelSpacing" in ds:
-        del ds.PixelSpacing  # highdicom 0.28 cannot read back spacing without thickness
-    return ds, tuple(repairs)
-
-
-def _is_uid(value: Any) -> bool:
-    text = str(value or "")
-    return 0 < len(text) <= 64 and _UID.match(text) is not None
-
-
-def _positive_int(value: Any) -> int | None:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
 
 
 def _check_mask(mask: np.ndarray, source: Dataset, path: Path) -> np.ndarray:
@@ -340,7 +278,7 @@ def _encode_seg(
         with config.disable_value_validation():
             seg = hd.seg.Segmentation(
                 source_images=[source],
-                pixel_array=mask,
+                pixel_array=mask.astype(bool),  # bool: highdicom skips a value scan
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[_segment_description(series)],
                 series_instance_uid=series.series_uid_for(source.StudyInstanceUID),
@@ -387,8 +325,11 @@ def _segment_description(series: SegSeries) -> Any:
     )
 
 
-def _check_read_back(data: bytes, mask: np.ndarray, source: Dataset, path: Path) -> None:
-    """Parse ``data`` with pydicom and highdicom and compare its frame with ``mask``.
+def _check_read_back(
+    data: bytes, mask: np.ndarray, source: Dataset, path: Path, with_highdicom: bool
+) -> None:
+    """Parse ``data`` with pydicom (and, ``with_highdicom``, highdicom's SEG reader) and
+    compare its frame with ``mask``.
 
     Raises:
         InputError: the SEG does not read back (the header led highdicom astray).
@@ -399,16 +340,24 @@ def _check_read_back(data: bytes, mask: np.ndarray, source: Dataset, path: Path)
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
-        seg = hd.seg.Segmentation.from_dataset(dataset, copy=False)
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[str(source.SOPInstanceUID)], segment_numbers=[1]
-        )
+        if with_highdicom:
+            seg = hd.seg.Segmentation.from_dataset(dataset, copy=False)
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[str(source.SOPInstanceUID)], segment_numbers=[1]
+            )[0, :, :, 0]
+        else:
+            referenced = dataset.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+            if referenced.ReferencedSOPInstanceUID != source.SOPInstanceUID:
+                raise ValueError("the SEG references another image")
+            rows, cols = int(dataset.Rows), int(dataset.Columns)
+            packed = np.frombuffer(dataset.PixelData, np.uint8)
+            pixels = np.unpackbits(packed, bitorder="little")[: rows * cols].reshape(rows, cols)
     except Exception as exc:  # noqa: BLE001 - any failure means an unreadable SEG
         raise InputError(
             f"{path}: the DICOM SEG made from this header does not read back "
             f"({_redact(exc, source)}); report it with the header (without patient data)"
         ) from None
-    if pixels.shape != (1, *mask.shape, 1) or not np.array_equal(pixels[0, :, :, 0], mask):
+    if pixels.shape != mask.shape or not np.array_equal(pixels, mask):
         raise RuntimeError(f"{path}: DICOM SEG pixels differ from the mask after reading back")
 
 
