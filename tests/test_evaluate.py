@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -232,12 +233,36 @@ def find_chromium() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(tmp_path):
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; without it the test skips, and fails under CI=true (.ci/run installs
+    Debian's chromium)."""
     browser = find_chromium()
     if browser is None:
-        pytest.skip(
-            "Chromium is not installed (/usr/bin/chromium); the report is checked by parsing"
-        )
+        message = "Chromium is not installed (/usr/bin/chromium); the report is checked by parsing"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI must have it (.ci/run installs it)")
+        pytest.skip(message)
+    return browser
+
+
+def run_chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    return subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    browser = chromium_or_skip()
     import cv2
 
     empty = np.zeros((4, 4), np.uint8)
@@ -246,26 +271,43 @@ def test_report_renders_in_headless_chromium(tmp_path):
     out = tmp_path / "eval"
     write_evaluation(evaluation, out)
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={shot}",
-            "--window-size=1200,1600",
-            (out / "report.html").as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    run_chromium(browser, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600",
+                 (out / "report.html").as_uri())  # fmt: skip
     image = cv2.imread(str(shot))
     assert image is not None and image.shape[0] > 100
     assert image.std() > 10  # not a blank page
     # The TN bars of dice_hist.png (#56B4E9) are on screen: the relative image links loaded.
     tn_blue = np.all(np.abs(image.astype(int) - (233, 180, 86)) <= 3, axis=2)
     assert tn_blue.sum() > 200
+
+
+def test_every_image_the_report_references_loads_in_chromium(tmp_path):
+    """The report's own <img> tags, copied into a probe page beside it that records each
+    image's decoded width once the page has loaded; Chromium prints the resulting DOM."""
+    import re
+
+    browser = chromium_or_skip()
+    empty = np.zeros((4, 4), np.uint8)
+    full = np.ones((4, 4), np.uint8)
+    evaluation = score_masks([("neg", empty, empty, 0.2), ("pos", full, full, 0.6)])
+    out = tmp_path / "eval"
+    write_evaluation(evaluation, out)
+    images = re.findall(r"<img [^>]*>", (out / "report.html").read_text())
+    assert len(images) >= 3
+    probe = out / "probe.html"
+    probe.write_text(
+        "<html><body>" + "".join(images) + "<p id='result'>pending</p><script>"
+        "window.addEventListener('load', () => { document.getElementById('result').textContent"
+        " = Array.from(document.images).map(i => i.getAttribute('src') + '=' + i.naturalWidth)"
+        ".join(' '); });</script></body></html>"
+    )
+    dom = run_chromium(browser, tmp_path, "--virtual-time-budget=10000", "--dump-dom",
+                       probe.as_uri()).stdout  # fmt: skip
+    result = re.search(r"<p id=\"result\">([^<]*)</p>", dom)
+    assert result is not None, dom[-500:]
+    widths = dict(item.rsplit("=", 1) for item in result.group(1).split())
+    assert len(widths) == len({re.search(r"src='([^']*)'", tag).group(1) for tag in images})
+    assert all(int(width) > 0 for width in widths.values()), widths
 
 
 # ---------------------------------------------------------------------------------------------

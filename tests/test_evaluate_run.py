@@ -9,6 +9,7 @@ import shutil
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
@@ -110,3 +111,30 @@ def test_refusals(tiny_run, tmp_path):
     result = invoke("evaluate", "--run", tiny_run["run"], "--cache", cache, "--split", "train")
     assert result.exit_code == 1 and "preprocessed differently" in result.output
     assert "image_size 96 vs 64" in result.output
+
+
+@pytest.mark.slow
+def test_a_cache_split_with_another_seed_is_refused(tiny_run, tmp_path) -> None:
+    """Same images, `--seed 7` instead of 42: some training images land in val, and scoring
+    them as held out would flatter the run. The run's splits.csv catches it; a run without that
+    record (an older pneumo) is checked by its split settings."""
+    import shutil
+
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.data.preprocess import run_preprocess
+
+    resplit = tmp_path / "seed7"
+    run_preprocess(tiny_run["raw"], resplit, PreprocessConfig(image_size=64, seed=7),
+                   rle_csv=tiny_run["raw"] / "train-rle.csv", workers=1)  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, symlinks=True)
+    result = invoke("evaluate", "--run", run, "--cache", resplit, "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    message = " ".join(result.stderr.split())
+    assert "that were in another split when" in message and "'train' then" in message
+    assert not (tmp_path / "e" / "metrics.json").exists()
+    (run / "splits.csv").unlink()
+    older = invoke("evaluate", "--run", run, "--cache", resplit, "--out", tmp_path / "e")
+    assert older.exit_code == 1 and "seed 42 -> 7" in " ".join(older.stderr.split())
+    same = invoke("evaluate", "--run", run, "--cache", tiny_run["cache"], "--out", tmp_path / "s")
+    assert same.exit_code == 0, same.output

@@ -321,3 +321,20 @@ def test_overfits_the_real_positive_siim_images(siim: Path, tmp_path: Path) -> N
     history = runs.read_history(tmp_path / "runs" / "train")
     assert reporter.first_step_loss / history[-1]["loss"] >= 5.0
     assert history[-1]["dice"] > 0.9
+
+
+@pytest.mark.slow
+def test_a_real_train_process_prints_no_tensorflow_dataset_noise(cache: Path, tmp_path) -> None:
+    """The tf.data `dataset.cc` warning Keras' fit triggers is dropped from stderr (the epoch
+    lines and real warnings stay)."""
+    from tests.robustness.conftest import cli_env, pneumo_command
+
+    done = subprocess.run(
+        pneumo_command("train", "--cache", cache, "--runs-dir", tmp_path, "--encoder",
+                       "resnet18", "--encoder-weights", "none", "--epochs", "1",
+                       "--steps-per-epoch", "2", "--batch-size", "2", "--gpus", "0"),
+        env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dataset.cc" not in done.stderr and "GeneratorDatasetOp" not in done.stderr
+    assert "epoch 1/1" in done.stderr

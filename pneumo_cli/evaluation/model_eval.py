@@ -191,6 +191,7 @@ def _open_job(
     """Check the request and load the run; everything that can refuse it happens here, before
     the slow part (the output folder too, so a bad --out fails at once)."""
     from pneumo_cli.data.cache import load_cache_settings
+    from pneumo_cli.evaluation.leakage import check_split_unchanged
     from pneumo_cli.inference.predictor import check_cache_matches, load_predictor
     from pneumo_cli.inference.sources import cache_sources
     from pneumo_cli.training.runs import resolve_run
@@ -206,6 +207,7 @@ def _open_job(
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
     sources, load = cache_sources(cache_dir, split)
+    check_split_unchanged(run_dir, predictor.config, cache_dir, split, [i for i, _ in sources])
     out = ensure_output_dir(
         Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}", cache_dir
     )

@@ -133,17 +133,24 @@ def _read_series(path: Path, cls: type) -> Any:
         ) from None
 
 
+def model_file_sha256(predictor: Any) -> str:
+    """SHA-256 of the file a predictor's network came from: a run's best.keras, or an export's
+    model file (its manifest for a SavedModel folder); "" when there is none to hash."""
+    path = Path(predictor.source)
+    info = getattr(predictor, "info", None)  # an exported model's manifest
+    model = path / "best.keras" if info is None else Path(info.model_path)
+    if info is not None and model.is_dir():
+        model = path / "pneumo-model.json"
+    return _sha256(model) if model.is_file() else ""
+
+
 def algorithm_source(predictor: Any) -> str:
     """What made the masks, for the SEG's algorithm identification (a DICOM LO, <= 64 chars):
     the run or export folder's name and a short hash of its model file."""
-    path = Path(predictor.source)
     kind = "run" if getattr(predictor, "info", None) is None else "export"
-    info = getattr(predictor, "info", None)  # an exported model's manifest
-    model = path / "best.keras" if info is None else info.model_path
-    digest = ""
-    if model is not None and Path(model).is_file():
-        digest = " model sha256 " + _sha256(Path(model))[:12]
-    name = path.name[: 64 - len(kind) - len(digest) - 1]
+    digest = model_file_sha256(predictor)
+    digest = f" model sha256 {digest[:12]}" if digest else ""
+    name = Path(predictor.source).name[: 64 - len(kind) - len(digest) - 1]
     return f"{kind} {name}{digest}"
 
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pneumo_cli.core.errors import ConfigError, PneumoError
+from pneumo_cli.core.errors import ConfigError, InputError, PneumoError
 from pneumo_cli.core.files import (
     atomic_write_json,
     ensure_output_dir,
@@ -35,7 +35,9 @@ from pneumo_cli.core.files import (
     write_mask_png,
     write_png,
 )
+from pneumo_cli.core.locks import folder_lock
 from pneumo_cli.core.progress import ProgressFactory, ProgressFn, stage
+from pneumo_cli.inference.jobs import claim_job, job_identity
 from pneumo_cli.inference.outputs import (
     PREDICTIONS_FILE,
     REJECTED_FILE,
@@ -173,6 +175,7 @@ def predict_sources(
     inputs_to_protect: Sequence[str | os.PathLike[str]] = (),
     rejected: Sequence[tuple[str, str]] = (),
     stages: Sequence[OutputStage] = (),
+    job: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
 ) -> PredictSummary:
     """Predict every source and write masks, records and the CSVs into ``out_dir``.
@@ -181,14 +184,40 @@ def predict_sources(
     :func:`open_predictor`). ``sources`` are ``(image_id, handle)`` pairs and
     ``load(handle) -> Item`` prepares one (it may raise a PneumoError, which rejects that image
     only). Finished images (mask, record and every stage's output present) are skipped unless
-    ``overwrite``. ``progress(n)`` is called as images finish.
+    ``overwrite``, but only when ``out_dir`` holds the same ``job`` (:func:`job_identity`): outputs
+    of another model, gate, TTA or preprocessing are refused. ``out_dir`` is locked while the call
+    runs. ``progress(n)`` is called as images finish.
+
+    Raises:
+        ConfigError: ``out_dir`` holds another job's outputs (without ``overwrite``).
+        OutputError: another process works in ``out_dir``; it cannot be written.
+        InputError: no input at all could be predicted (names the first and its reason).
     """
-    advance = progress or (lambda n: None)
-    gate = gate or predictor.gate
-    outputs = PredictOutputs(
-        ensure_output_dir(out_dir, *inputs_to_protect), save_probs, tuple(stages)
-    )
-    outputs.prepare()
+    out = ensure_output_dir(out_dir, *inputs_to_protect)
+    with folder_lock(out, "predict"):
+        if job is not None:
+            claim_job(out, job, overwrite)
+        outputs = PredictOutputs(out, save_probs, tuple(stages))
+        outputs.prepare()
+        return _predict_into(
+            predictor, sources, outputs, load, gate or predictor.gate, overwrite,
+            batch_size, workers, list(rejected), progress or (lambda n: None),
+        )  # fmt: skip
+
+
+def _predict_into(
+    predictor: Any,
+    sources: Sequence[tuple[str, Any]],
+    outputs: PredictOutputs,
+    load: Any,
+    gate: Gate,
+    overwrite: bool,
+    batch_size: int,
+    workers: int | None,
+    rejected: list[tuple[str, str]],
+    advance: ProgressFn,
+) -> PredictSummary:
+    """The body of :func:`predict_sources`, run while holding the output folder's lock."""
     summary = PredictSummary(
         images=len(sources), tta=predictor.tta, gate=asdict(gate), out_dir=str(outputs.out)
     )
@@ -202,7 +231,6 @@ def predict_sources(
             records[image_id] = record
     summary.skipped_existing = len(records)
     advance(len(records))
-    rejected = list(rejected)
     start = time.perf_counter()
     for result in _predict_and_write(predictor, todo, load, gate, outputs, batch_size, workers):
         if isinstance(result, Rejected):
@@ -216,8 +244,14 @@ def predict_sources(
     summary.rejected = len(rejected)
     summary.positive = sum(r["has_pneumothorax"] for r in records.values())
     write_rejected(outputs.out / REJECTED_FILE, rejected)
+    if not records and rejected:
+        source, reason = rejected[0]
+        raise InputError(
+            f"no input could be predicted ({len(rejected)} rejected, reasons in "
+            f"{outputs.out / REJECTED_FILE}); the first: {source}: {reason}"
+        )
     ordered = [records[k] for k in sorted(records)]
-    for extra in stages:
+    for extra in outputs.stages:
         summary.outputs.update(extra.finish(outputs.out, ordered))
     write_predictions(outputs.out, ordered)
     summary.predictions_csv = str(outputs.out / PREDICTIONS_FILE)
@@ -351,5 +385,6 @@ def predict_inputs(
             inputs_to_protect=protect,
             rejected=rejected,
             stages=stages,
+            job=job_identity(predictor, gate),
             progress=advance,
         )

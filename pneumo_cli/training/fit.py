@@ -14,6 +14,7 @@ from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.core.files import atomic_write_json
 from pneumo_cli.data import pipeline as data_pipeline
 from pneumo_cli.engine import tf as tf_engine
+from pneumo_cli.engine.native_log import native_noise_dropped
 from pneumo_cli.model import saving
 from pneumo_cli.training import runs
 from pneumo_cli.training.distribute import (
@@ -184,15 +185,16 @@ def fit_run(
     )
     state.setdefault("status", "running")
     try:
-        net.fit(
-            train_input,
-            validation_data=val_dataset,
-            epochs=config.epochs,
-            initial_epoch=state["epoch"],
-            steps_per_epoch=steps,
-            callbacks=[_keras_callback(recorder)],
-            verbose=0,
-        )
+        with native_noise_dropped():
+            net.fit(
+                train_input,
+                validation_data=val_dataset,
+                epochs=config.epochs,
+                initial_epoch=state["epoch"],
+                steps_per_epoch=steps,
+                callbacks=[_keras_callback(recorder)],
+                verbose=0,
+            )
     except KeyboardInterrupt:
         if state["epoch"] == 0:
             recorder.save_state("interrupted")  # keep what the first partial epoch learnt

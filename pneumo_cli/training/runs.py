@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 # The checkpoint with the best validation Dice (what every later command uses) and the last one.
 BEST_MODEL_FILE = "best.keras"
 LAST_MODEL_FILE = "last.keras"
+# Every labelled cache image and its split when the run started: `evaluate` refuses to score,
+# as held out, an image the run trained on.
+SPLITS_FILE = "splits.csv"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -263,3 +266,39 @@ def plot_curves(run_dir: str | os.PathLike[str], rows: list[dict[str, Any]]) -> 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write_bytes(Path(run_dir) / "curves.png", buffer.getvalue())
+
+
+def write_splits(run_dir: str | os.PathLike[str], assignment: list[tuple[str, str]]) -> None:
+    """Write ``RUN/splits.csv`` (ImageId, split) of the cache the run trains on."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ImageId", "split"])
+    writer.writerows(sorted(assignment))
+    atomic_write_text(Path(run_dir) / SPLITS_FILE, buffer.getvalue())
+
+
+def read_splits(run_dir: str | os.PathLike[str]) -> dict[str, str] | None:
+    """ImageId -> split of the run's training cache, or None for a run made before pneumo
+    recorded it.
+
+    Raises:
+        ConfigError: the file exists but is not pneumo's (names it).
+    """
+    import csv
+
+    path = Path(run_dir) / SPLITS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(
+            f"{path}: unreadable ({exc}); was it written by `pneumo train`?"
+        ) from None
+    if not rows or rows[0] != ["ImageId", "split"] or any(len(row) != 2 for row in rows[1:]):
+        raise ConfigError(f"{path}: not a splits file written by `pneumo train`")
+    return dict(rows[1:])

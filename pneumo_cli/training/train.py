@@ -115,6 +115,7 @@ def train_model(
             "pneumo_version": __version__,
         }
         atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
+        runs.write_splits(run_dir, [(r.image_id, r.split) for r in cache.records])
         remove_stale_results(run_dir)
         if placement.is_chief:
             remove_leftovers(run_dir, None)  # of a killed run this one writes over
