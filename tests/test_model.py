@@ -124,7 +124,9 @@ def test_unknown_encoder_lists_the_valid_ones() -> None:
 
 
 def test_image_size_must_be_a_multiple_of_32() -> None:
-    with pytest.raises(ConfigError, match="image size 100 px must be a positive multiple of 32"):
+    with pytest.raises(
+        ConfigError, match="image size 100 px must be a multiple of 32 from 32 to 4096"
+    ):
         build.build_model("resnet18", 100, encoder_weights=None)
 
 

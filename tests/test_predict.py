@@ -212,7 +212,7 @@ def test_predict_bad_runs_and_inputs(tiny_run, real_train_dicoms, tmp_path):
     result = invoke("predict", tmp_path / "missing.dcm", "--run", tiny_run["run"])
     assert result.exit_code == 1 and "no such file or folder" in result.output
     result = invoke("predict", "--run", tiny_run["run"])
-    assert result.exit_code == 2 and "give either INPUT" in result.output
+    assert result.exit_code == 2 and "exactly one of the two" in result.output
     inside = tiny_run["raw"] / "out"
     result = invoke("predict", tiny_run["raw"], "--run", tiny_run["run"], "--out", inside)
     assert result.exit_code == 1 and "inside input folder" in result.output

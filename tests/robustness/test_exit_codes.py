@@ -161,9 +161,9 @@ TF_CASES = [
     # (a successful train is in test_privacy.py and test_kill_tf.py)
     ("train", ["--cache", F("missing")], 1),
     ("train", ["--cache", F("a_file")], 1),
-    ("train", ["--cache", F("small_cache"), "--encoder", "resnet1000"], 1),
-    ("train", ["--cache", F("small_cache"), "--loss", "mse"], 1),
-    ("train", ["--cache", F("small_cache"), "--pos-fraction", "2"], 1),
+    ("train", ["--cache", F("small_cache"), "--encoder", "resnet1000"], 2),  # closed sets and
+    ("train", ["--cache", F("small_cache"), "--loss", "mse"], 2),  # value rules: usage errors
+    ("train", ["--cache", F("small_cache"), "--pos-fraction", "2"], 2),
     ("train", ["--cache", F("small_cache"), "--gpus", "64"], 1),
     ("train", ["--cache", F("small_cache"), "--image-size", "128"], 1),  # not the cache's
     ("train", ["--cache", F("small_cache"), "--encoder-weights", F("missing.h5")], 1),
@@ -186,7 +186,7 @@ TF_CASES = [
     ("predict", [F("no_images"), "--run", F("run"), "--out", F("p")], 1),
     ("predict", [F("raw"), "--run", F("run"), "--out", F("raw") + "/p"], 1),  # inside input
     ("predict", [F("dicom"), "--run", F("run"), "--out", F("a_file")], 1),
-    ("predict", ["--run", F("run"), "--cache", F("cache"), "--split", "holdout"], 1),
+    ("predict", ["--run", F("run"), "--cache", F("cache"), "--split", "holdout"], 2),
     ("predict", ["--run", F("run"), "--cache", F("other_size_cache")], 1),
     ("predict", [F("dicom"), "--run", F("run"), "--top-threshold", "2"], 2),
     ("predict", [F("dicom"), "--run", F("run"), "--batch-size", "0"], 2),

@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
+from pneumo_cli.core.choices import CODE_ENCODERS
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.engine.tf import import_tf
 from pneumo_cli.model import build, encoders
@@ -273,7 +274,7 @@ def test_encoders_whose_unet_holds_code_are_refused_saying_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     usable = encoders.available_encoders()
-    assert "resnet18" in usable and not set(usable) & set(encoders.CODE_ENCODERS)
+    assert "resnet18" in usable and not set(usable) & set(CODE_ENCODERS)
     with pytest.raises(ConfigError) as refused:
         encoders.check_encoder("resnext50")
     message = str(refused.value)
