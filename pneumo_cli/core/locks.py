@@ -107,37 +107,8 @@ def folder_lock(folder: str | os.PathLike[str], purpose: str) -> Iterator[Path]:
         raise OutputError(f"cannot lock {folder}: {describe_os_error(exc)}") from None
     try:
         for _ in range(5):
-            try:
-                os.link(tmp, lock)
+            if _try_to_take(folder, lock, tmp, me):
                 break
-            except FileExistsError:
-                owner = _read_lock(lock)
-                if owner is None:
-                    continue  # released between our attempt and the read; try again
-                if not owner and time.time() - _mtime(lock) < 10:
-                    time.sleep(0.2)  # being written by a writer without hard links; re-read
-                    continue
-                if not owner or _lock_is_stale(owner):
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-                    continue
-                raise OutputError(
-                    f"{folder} is in use by `pneumo {owner.get('purpose', '?')}` (PID "
-                    f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}); "
-                    f"wait for it to finish, or delete {lock} if that process is gone"
-                ) from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise OutputError(f"cannot lock {folder}: {describe_os_error(exc)}") from None
-                # No hard links on this file system: exclusive create, then write.
-                try:
-                    with open(lock, "x", encoding="utf-8") as handle:
-                        handle.write(json.dumps(me))
-                    break
-                except FileExistsError:
-                    continue
-                except OSError as inner:
-                    raise OutputError(f"cannot lock {folder}: {describe_os_error(inner)}") from None
         else:
             raise OutputError(
                 f"cannot lock {folder}: {lock} is unreadable or keeps changing; delete it if no "
@@ -153,6 +124,46 @@ def folder_lock(folder: str | os.PathLike[str], purpose: str) -> Iterator[Path]:
         if owner and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
             with contextlib.suppress(OSError):
                 lock.unlink()
+
+
+def _try_to_take(folder: Path, lock: Path, tmp: Path, me: dict[str, Any]) -> bool:
+    """One attempt to create ``lock`` from the complete ``tmp``; False means "try again" (the
+    lock was released, stale and removed, or is being written).
+
+    Raises:
+        OutputError: a live process holds the lock, or the lock cannot be written.
+    """
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        owner = _read_lock(lock)
+        if owner is None:
+            return False  # released between our attempt and the read
+        if not owner and time.time() - _mtime(lock) < 10:
+            time.sleep(0.2)  # being written by a writer without hard links; re-read
+            return False
+        if not owner or _lock_is_stale(owner):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            return False
+        raise OutputError(
+            f"{folder} is in use by `pneumo {owner.get('purpose', '?')}` (PID "
+            f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}); "
+            f"wait for it to finish, or delete {lock} if that process is gone"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise OutputError(f"cannot lock {folder}: {describe_os_error(exc)}") from None
+    # No hard links on this file system: exclusive create, then write.
+    try:
+        with open(lock, "x", encoding="utf-8") as handle:
+            handle.write(json.dumps(me))
+        return True
+    except FileExistsError:
+        return False
+    except OSError as inner:
+        raise OutputError(f"cannot lock {folder}: {describe_os_error(inner)}") from None
 
 
 def _mtime(path: Path) -> float:

@@ -14,6 +14,7 @@ phantoms as a small SIIM-like dataset. Everything is a pure function of the gene
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -117,14 +118,7 @@ def draw_phantom(
     mediastinum = anatomy.mediastinum_half_width * s
 
     image = draw_body(cv2, rng, size, cx, anatomy, top)
-    # Image-left lung is the patient's right; its hemidiaphragm sits slightly higher.
-    lungs = {}
-    for side, direction in (("right", -1.0), ("left", 1.0)):
-        medial_x = cx + direction * mediastinum
-        width = anatomy.lung_width * s * rng.uniform(0.94, 1.04)
-        lung_bottom = bottom - (0.025 * s if side == "right" else 0.0)
-        outline = lung_outline(rng, medial_x, direction, width, top, lung_bottom)
-        lungs[side] = (outline, medial_x, direction, width, lung_bottom)
+    lungs = _lung_outlines(rng, anatomy, s, cx, mediastinum, top, bottom)
 
     heart = heart_shadow(cv2, rng, size, cx, mediastinum, bottom, anatomy)
     mask = np.zeros((size, size), np.uint8)
@@ -138,18 +132,7 @@ def draw_phantom(
             cv2, rng, size, outline, medial_x, lung_bottom, location, heart < 0.05
         )
 
-    lung_mask = np.zeros((size, size), np.float32)
-    for outline, *_ in lungs.values():
-        cv2.fillPoly(lung_mask, [np.round(outline).astype(np.int32)], 1.0, cv2.LINE_AA)
-    # The heart lies in front of the left lung: its silhouette replaces the lung's darkness.
-    lung_mask *= 1.0 - heart
-    lung_soft = cv2.GaussianBlur(lung_mask, (0, 0), s / 110)
-    image -= lung_soft * (anatomy.soft_tissue - anatomy.lung_level)
-    # Lung density rises towards the bases and the chest wall (more tissue in the beam path).
-    rows = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None]
-    cols = np.abs(np.arange(size, dtype=np.float32) - cx)[None, :] / (0.45 * s)
-    image += lung_soft * (0.08 * rows + 0.07 * cols**2)
-    image += heart * 0.06
+    lung_mask, lung_soft = _shade_lungs(cv2, image, lungs, heart, anatomy, cx, s)
 
     texture = lung_markings(cv2, rng, size, lungs, s)
     free = 1.0 - cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(s / 512, 0.5))
@@ -165,6 +148,54 @@ def draw_phantom(
     image += draw_spine(cv2, size, cx, mediastinum, top, bottom, s)
     image = finish_film(cv2, rng, image, s)
     return Phantom(image=image, mask=mask, side=side_hit, location=location)
+
+
+def _lung_outlines(
+    rng: np.random.Generator,
+    anatomy: Anatomy,
+    s: float,
+    cx: float,
+    mediastinum: float,
+    top: float,
+    bottom: float,
+) -> dict[str, tuple]:
+    """Both lungs' outlines: side -> (outline, medial x, direction, width, bottom). The
+    image-left lung is the patient's right; its hemidiaphragm sits slightly higher."""
+    lungs = {}
+    for side, direction in (("right", -1.0), ("left", 1.0)):
+        medial_x = cx + direction * mediastinum
+        width = anatomy.lung_width * s * rng.uniform(0.94, 1.04)
+        lung_bottom = bottom - (0.025 * s if side == "right" else 0.0)
+        outline = lung_outline(rng, medial_x, direction, width, top, lung_bottom)
+        lungs[side] = (outline, medial_x, direction, width, lung_bottom)
+    return lungs
+
+
+def _shade_lungs(
+    cv2: Any,
+    image: np.ndarray,
+    lungs: dict[str, tuple],
+    heart: np.ndarray,
+    anatomy: Anatomy,
+    cx: float,
+    s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Darken the lung fields of ``image`` in place; returns the lung mask (without the heart)
+    and its blurred version."""
+    size = image.shape[0]
+    lung_mask = np.zeros((size, size), np.float32)
+    for outline, *_ in lungs.values():
+        cv2.fillPoly(lung_mask, [np.round(outline).astype(np.int32)], 1.0, cv2.LINE_AA)
+    # The heart lies in front of the left lung: its silhouette replaces the lung's darkness.
+    lung_mask *= 1.0 - heart
+    lung_soft = cv2.GaussianBlur(lung_mask, (0, 0), s / 110)
+    image -= lung_soft * (anatomy.soft_tissue - anatomy.lung_level)
+    # Lung density rises towards the bases and the chest wall (more tissue in the beam path).
+    rows = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None]
+    cols = np.abs(np.arange(size, dtype=np.float32) - cx)[None, :] / (0.45 * s)
+    image += lung_soft * (0.08 * rows + 0.07 * cols**2)
+    image += heart * 0.06
+    return lung_mask, lung_soft
 
 
 def _collapse_lung(cv2, rng, size, outline, medial_x, bottom, location, allowed):
