@@ -127,7 +127,7 @@ def main() -> None:
 
         paths = real_inputs(root / "inputs", args.copies)
         sources, _ = file_sources(paths)
-        load = file_loader(predictor.settings)
+        load = file_loader(predictor.settings, sources)
         out = root / "out"
         predict_sources(predictor, sources[:batch], out, load=load, batch_size=batch)  # warm-up
         pipeline = {}

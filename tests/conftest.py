@@ -10,6 +10,9 @@ Guards, for the whole session (collection and session fixtures included):
   raises :class:`NetworkBlockedError` before any packet or DNS query leaves; Unix sockets work.
 - ``KERAS_HOME`` is a temporary folder (a fresh one per test), so no test reads weights from or
   writes to ``~/.keras``; subprocesses inherit it.
+- ``PNEUMO_PATIENT_KEY_SECRET_FILE`` names a file in a temporary folder (one for the session, so
+  caches built by session fixtures can be extended by later tests), so no test creates the
+  per-installation patient-key secret in ``~/.config/pneumo``; subprocesses inherit it.
 
 The ``tf`` mark: tests that start TensorFlow, in-process or in a subprocess, are marked ``tf``
 here (see :func:`starts_tensorflow`); ``pytest --no-tf`` (``make test-fast``) runs the others and
@@ -175,6 +178,7 @@ TF_MODULES = {
     "tests/test_model.py",
     "tests/test_precision.py",
     "tests/test_quickstart.py",
+    "tests/test_serve.py",
     "tests/test_tf_startup.py",
     "tests/test_train.py",
     "tests/robustness/test_kill_tf.py",
@@ -234,6 +238,7 @@ class _TensorFlowBlocker(importlib.abc.MetaPathFinder):
 _BLOCKER = pytest.StashKey[_TensorFlowBlocker]()
 _SESSION_PATCH = pytest.StashKey[pytest.MonkeyPatch]()
 _SESSION_KERAS_HOME = pytest.StashKey[Path]()
+_SESSION_SECRET_HOME = pytest.StashKey[Path]()
 
 
 # --- hooks ----------------------------------------------------------------------------------------
@@ -253,8 +258,11 @@ def pytest_configure(config: pytest.Config) -> None:
     patch = pytest.MonkeyPatch()
     keras_home = Path(tempfile.mkdtemp(prefix="pneumo-tests-keras-"))
     patch.setenv("KERAS_HOME", str(keras_home))
+    secret_home = Path(tempfile.mkdtemp(prefix="pneumo-tests-secret-"))
+    patch.setenv("PNEUMO_PATIENT_KEY_SECRET_FILE", str(secret_home / "patient-key.secret"))
     block_network(patch)
     config.stash[_SESSION_PATCH], config.stash[_SESSION_KERAS_HOME] = patch, keras_home
+    config.stash[_SESSION_SECRET_HOME] = secret_home
     if config.getoption("no_tf"):
         expression = config.option.markexpr
         config.option.markexpr = f"({expression}) and not tf" if expression else "not tf"
@@ -267,6 +275,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _SESSION_PATCH in config.stash:
         config.stash[_SESSION_PATCH].undo()
         shutil.rmtree(config.stash[_SESSION_KERAS_HOME], ignore_errors=True)
+        shutil.rmtree(config.stash[_SESSION_SECRET_HOME], ignore_errors=True)
     if _BLOCKER in config.stash:
         sys.meta_path.remove(config.stash[_BLOCKER])
 

@@ -373,7 +373,12 @@ def test_cli_rejects_unreadable_inputs_and_draws_the_rest(tmp_path: Path) -> Non
         rows = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(handle)}
     assert set(rows) == {"broken.dcm", "broken.png", "wrong.png"}
     assert "41" in rows["wrong.png"] and "40" in rows["wrong.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "rejected.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".pneumo-job.json",
+        "a.png",
+        "b.png",
+        "rejected.csv",
+    ]
 
 
 def test_cli_skips_existing_and_overwrites_on_request(tmp_path: Path) -> None:
@@ -419,7 +424,10 @@ def test_duplicate_image_ids_are_rejected(tmp_path: Path) -> None:
     write_mask_png(masks / "a.png", np.zeros((10, 10), np.uint8))
     summary = run_overlay([tmp_path / "x", tmp_path / "y"], masks, tmp_path / "out")
     assert summary.written == 1
-    assert len(summary.rejected) == 1 and "duplicate ImageId 'a'" in summary.rejected[0][1]
+    assert summary.rejected == [
+        (str(tmp_path / "y" / "a.png"),
+         f"duplicate: ImageId/SOPInstanceUID 'a' is already {tmp_path / 'x' / 'a.png'}"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -484,3 +492,57 @@ def test_missing_truth_gives_two_panels_and_bad_rle_row_is_rejected(tmp_path: Pa
     assert Path(path).name == "c.png" and "line 3" in reason and "run 1 ends" in reason
     two = read_picture(tmp_path / "out" / "b.png")
     assert two.shape[:2] == (panel_layout(8, 8, 2).height, panel_layout(8, 8, 2).width)
+
+
+def test_masks_or_truth_given_as_a_file_says_it_is_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    write_png(tmp_path / "images" / "a.png", np.zeros((10, 10), np.uint8))
+    write_mask_png(tmp_path / "a.png", np.zeros((10, 10), np.uint8))
+    result = invoke(tmp_path / "images", "--masks", tmp_path / "a.png", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --masks {tmp_path / 'a.png'} is a file, not a folder; point --masks at the "
+        "masks/ folder written by `pneumo predict` (or any folder of <ImageId>.png masks)"
+    ]
+    (tmp_path / "masks").mkdir()
+    result = invoke(tmp_path / "images", "--masks", tmp_path / "masks", "--truth",
+                    tmp_path / "a.png", "--out", tmp_path / "o")  # fmt: skip
+    assert result.exit_code == 1
+    assert f"--truth {tmp_path / 'a.png'} is a file, not a folder" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_dicomdir_members_are_named_by_their_uid_like_preprocess_names_them(
+    tmp_path: Path,
+) -> None:
+    from pneumo_cli.io.dicom_write import write_dicom
+
+    cd, masks = tmp_path / "cd", tmp_path / "masks"
+    masks.mkdir()
+    for series, uid in (("SE000000", "1.2.3.1"), ("SE000001", "1.2.3.2")):
+        (cd / "PT000000" / "ST000000" / series).mkdir(parents=True)
+        image = np.full((32, 32), 90 + len(series), np.uint8)
+        write_dicom(cd / "PT000000" / "ST000000" / series / "IM000000", image, sop_uid=uid)
+        write_mask_png(masks / f"{uid}.png", np.eye(32, dtype=np.uint8))
+    summary = run_overlay([cd], masks, tmp_path / "out")
+    assert (summary.written, summary.rejected) == (2, [])
+    assert sorted(r.image_id for r in summary.results) == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_overlays_of_other_masks_are_not_resumed(tmp_path: Path) -> None:
+    """Masks rewritten (say, by a predict with another gate) or another format: the finished
+    pictures of the old job are not kept under the new one."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    write_png(images / "a.png", np.full((32, 32), 90, np.uint8))
+    write_mask_png(masks / "a.png", np.eye(32, dtype=np.uint8))
+    out = tmp_path / "out"
+    args = ["overlay", str(images), "--masks", str(masks), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # the same job: resumed
+    write_mask_png(masks / "a.png", np.zeros((32, 32), np.uint8))
+    changed = runner.invoke(app, args)
+    assert changed.exit_code == 1
+    assert "holds the outputs of another overlay job (masks_state" in changed.stderr
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0

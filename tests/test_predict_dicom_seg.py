@@ -19,6 +19,7 @@ from pneumo_cli.core.files import read_mask_png
 from pneumo_cli.io.dicom_seg import SEG_SOP_CLASS_UID
 
 runner = CliRunner()
+MONO1 = "monochrome1_same_uid_as_6904"
 pytestmark = pytest.mark.slow
 
 
@@ -83,7 +84,9 @@ def predicted(tiny_run, inputs: Path, threshold: str, tmp_path_factory: pytest.T
 
 def test_every_dicom_input_gets_a_seg_equal_to_its_mask(predicted, inputs: Path) -> None:
     out, _, summary = predicted
-    dicoms = sorted(inputs.glob("*.dcm"))
+    # The MONOCHROME1 copy repeats the 6904 file's SOPInstanceUID: a duplicate, as in preprocess.
+    dicoms = [p for p in sorted(inputs.glob("*.dcm")) if p.stem != MONO1]
+    assert summary["rejected"] == 1 and MONO1 in (out / "rejected.csv").read_text()
     assert summary["outputs"] == {
         "dicom_seg_written": len(dicoms),
         "dicom_seg_not_dicom": 1,
@@ -115,19 +118,41 @@ def test_every_dicom_input_gets_a_seg_equal_to_its_mask(predicted, inputs: Path)
     assert len(rows) == len(dicoms) + 1  # the JPEG has its row and mask, just no SEG
 
 
-def test_one_series_per_study_and_the_monochrome1_copy_has_its_own_seg(predicted) -> None:
+def test_one_series_per_study_and_unique_seg_uids(predicted) -> None:
     out, _, _ = predicted
     segs = {p.stem: pydicom.dcmread(p) for p in (out / "dicom-seg").glob("*.dcm")}
     by_study: dict[str, set[str]] = {}
     for seg in segs.values():
         by_study.setdefault(seg.StudyInstanceUID, set()).add(seg.SeriesInstanceUID)
     assert all(len(series) == 1 for series in by_study.values())
-    copy_name = "monochrome1_same_uid_as_6904"
-    copy = segs[copy_name]
-    original = next(seg for stem, seg in segs.items() if "6904" in stem and stem != copy_name)
-    assert copy.SOPInstanceUID != original.SOPInstanceUID
     assert len({seg.SOPInstanceUID for seg in segs.values()}) == len(segs)
-    assert (copy.Rows, copy.Columns) == (original.Rows, original.Columns)
+
+
+def test_the_monochrome1_file_gets_a_seg_aligned_with_its_image(
+    tiny_run, inputs: Path, tmp_path: Path
+) -> None:
+    source = inputs / f"{MONO1}.dcm"
+    from pneumo_cli.inference.outputs import output_row
+    from pneumo_cli.inference.predictor import load_predictor
+    from pneumo_cli.inference.sources import file_loader
+
+    # This inverted image's own median probability (exact, not the PNG's 8 bits): a threshold
+    # that makes its mask partial, so the comparison shows the orientation.
+    predictor = load_predictor(tiny_run["run"])
+    item = file_loader(predictor.settings)(source)
+    prob = predictor.probabilities(item.image[None])[0]
+    full = output_row(item.image_id, prob, item, predictor.gate, keep_probs=True)[2]
+    own = repr(float(np.median(full)))
+    out = tmp_path / "mono1"
+    args = ["--top-threshold", own, "--bottom-threshold", own, "--dicom-seg", "-q"]
+    result = invoke("predict", source, "--run", tiny_run["run"], "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    (seg_path,) = (out / "dicom-seg").glob("*.dcm")
+    (mask_path,) = (out / "masks").glob("*.png")
+    seg, mask = pydicom.dcmread(seg_path), read_mask_png(mask_path)
+    assert (seg.Rows, seg.Columns) == mask.shape == (1024, 1024)
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(seg_frame(seg_path, source_uid(source)), mask)
 
 
 def test_a_rerun_finishes_missing_segs_in_the_same_series(predicted, tmp_path: Path) -> None:

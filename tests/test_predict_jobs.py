@@ -114,3 +114,23 @@ def test_overlay_with_nothing_drawable_exits_1(tmp_path: Path) -> None:
     result = invoke("overlay", images, "--masks", masks, "--out", tmp_path / "ov")
     assert result.exit_code == 1
     assert "no overlay could be drawn (1 input(s) rejected" in " ".join(result.stderr.split())
+
+
+def test_pacs_export_layout_is_named_by_sop_instance_uid(run: Path, scans: Path, tmp_path) -> None:
+    """Two `.../SE000000/IM000000` files: predict names them by SOPInstanceUID, as preprocess
+    does, instead of rejecting the second as a duplicate `IM000000`."""
+    import pydicom
+
+    export = tmp_path / "export"
+    expected = set()
+    for n, path in enumerate(sorted(scans.glob("*.dcm"))[:2]):
+        member = export / "PT000000" / "ST000000" / f"SE00000{n}" / "IM000000"
+        member.parent.mkdir(parents=True)
+        shutil.copy(path, member)
+        expected.add(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+    out = tmp_path / "P"
+    result = invoke("predict", export, "--run", run, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rejected"] == 0
+    assert {r["ImageId"] for r in rows(out)} == expected
+    assert {p.stem for p in (out / "masks").glob("*.png")} == expected

@@ -18,7 +18,13 @@ from pneumo_cli.core.config import PreprocessConfig
 from pneumo_cli.core.errors import ConfigError, InputError, OutputError, RleError
 from pneumo_cli.core.files import read_grey_png, read_mask_png, write_mask_png
 from pneumo_cli.data.cache import MANIFEST_COLUMNS, load_cache_settings, load_manifest
-from pneumo_cli.data.imaging import detect_crop, prepare_image, prepare_mask, restore_to_original
+from pneumo_cli.data.imaging import (
+    Box,
+    detect_crop,
+    prepare_image,
+    prepare_mask,
+    restore_to_original,
+)
 from pneumo_cli.data.preprocess import run_preprocess
 from pneumo_cli.io.dicom_read import read_xray
 from pneumo_cli.io.dicom_write import write_dicom
@@ -91,6 +97,55 @@ def test_prepare_mask_keeps_areas_and_thin_lines() -> None:
     assert small.dtype == np.uint8 and set(np.unique(small)) == {0, 1}
     assert small[25:153, 50:178].all() and small[:, :200].sum() == 128 * 128
     assert small[200:250, 225].all() and small[:, 225].sum() == 50
+
+
+def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    """A {0,1} disc: pixels whose centre (row + 0.5, col + 0.5) is within ``radius``."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
+    return ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2).astype(np.uint8)
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """Mean position of the foreground pixels' centres, (row, col)."""
+    return np.array(np.nonzero(mask), dtype=np.float64).mean(axis=1) + 0.5
+
+
+@pytest.mark.parametrize(
+    ("crop", "size"),
+    [
+        ((100, 300, 150, 350), 256),  # 200 x 200 box enlarged to 256
+        ((10, 1010, 100, 900), 1024),  # a bordered X-ray at the winners' 1024 px
+        ((50, 250, 100, 400), 256),  # taller side enlarged, wider side shrunk
+        ((0, 1024, 0, 1024), 256),  # shrunk
+    ],
+)
+def test_prepare_mask_keeps_a_disc_in_place(crop: Box, size: int) -> None:
+    top, bottom, left, right = crop
+    height, width = bottom - top, right - left
+    rng = np.random.default_rng(6)
+    shifts = []
+    for _ in range(8):
+        centre = (top + height * rng.uniform(0.3, 0.7), left + width * rng.uniform(0.3, 0.7))
+        radius = min(height, width) * rng.uniform(0.12, 0.25)
+        mask = _disc((1024, 1024), centre, radius)
+        small = prepare_mask(mask, crop, PreprocessConfig(image_size=size))
+        # The cached mask's centroid mapped back to original pixels, against the drawn disc's;
+        # the shift is measured in cached pixels.
+        back = np.array([top, left]) + _centroid(small) * [height / size, width / size]
+        shifts.append((back - _centroid(mask)) * [size / height, size / width])
+        # The disc drawn directly at the cached size, where the image's pixels are.
+        cached_centre = ((centre[0] - top) * size / height, (centre[1] - left) * size / width)
+        rows, cols = np.mgrid[0:size, 0:size] + 0.5
+        aligned = ((rows - cached_centre[0]) * height / size) ** 2 + (
+            (cols - cached_centre[1]) * width / size
+        ) ** 2 <= radius**2
+        dice = 2 * (aligned & (small > 0)).sum() / (aligned.sum() + small.sum())
+        assert dice >= 0.99, (centre, radius, dice)
+    shifts = np.array(shifts)
+    # Nearest-neighbour resizing moved every disc ~0.45 px down and right; what is left is the
+    # rasterisation noise of single discs, which averages out.
+    assert np.abs(shifts.mean(axis=0)).max() <= 0.05, shifts.mean(axis=0)
+    assert np.abs(shifts).max() <= 0.2, shifts
 
 
 def test_restore_to_original_undoes_crop_and_resize() -> None:
@@ -409,3 +464,143 @@ def test_truth_csv_holds_original_resolution_masks(siim_cache, real_rle_csv: Pat
         original = decode_union([r.encoded for r in rows if r.image_id == image_id])
         np.testing.assert_array_equal(decode_union([truth[image_id]]), original)
         assert int(original.sum()) == area
+
+
+def test_file_names_with_spaces_unicode_commas_and_dashes_are_cached(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from pneumo_cli.cli.main import app
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(9)
+    names = ["chest one", "-x", "Müller ß 日本", "naïve,comma", "a..b"]
+    for name in names[:-1]:
+        write_dicom(raw / f"{name}.dcm", _fake_xray(rng, 128), jpeg=False)
+    write_png_file = raw / "a..b.png"
+    cv2.imencode(".png", _fake_xray(rng, 128))[1].tofile(write_png_file)
+    write_dicom(raw / "tab\there.dcm", _fake_xray(rng, 128), jpeg=False)  # a control character
+    write_dicom(raw / os.fsdecode(b"caf\xe9.dcm"), _fake_xray(rng, 128), jpeg=False)  # Latin-1
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:60, 30:70] = 1
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", "EncodedPixels"])
+        writer.writerows([[n, encode_rle(mask)] for n in ("chest one", "naïve,comma")])
+        writer.writerows([[n, "-1"] for n in ("-x", "Müller ß 日本", "a..b")])
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(
+        app, ["preprocess", str(raw), str(cache), "--rle", str(labels), "--image-size", "32",
+              "-j", "1", "-q", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["images"], summary["positive"], summary["negative"]) == (5, 2, 3)
+    assert summary["labels_without_image"] == []
+    manifest = load_manifest(cache).set_index("ImageId")
+    assert sorted(manifest.index) == sorted(names)
+    assert manifest.loc["naïve,comma", "mask_area_px"] == 800
+    for name in names:
+        assert (cache / "images" / f"{name}.png").is_file()
+    truth = {row.image_id: row.encoded for row in read_rle_csv(cache / "truth.csv")}
+    assert truth == {n: encode_rle(mask) if n in ("chest one", "naïve,comma") else "-1"
+                     for n in names}  # fmt: skip
+    with open(cache / "rejected.csv", newline="", encoding="utf-8") as handle:
+        rejected = list(csv.DictReader(handle))
+    assert [r["path"] for r in rejected] == ["caf\\udce9.dcm", "tab\there.dcm"]
+    assert "cannot be a file name: it holds bytes that are not UTF-8" in rejected[0]["reason"]
+    assert "cannot be a file name: it contains U+0009" in rejected[1]["reason"]
+    assert "the rule: any characters but '/'" in rejected[1]["reason"]
+
+
+SAMPLE_AREAS = {  # real dicom-sample files and their union mask areas (siim README)
+    "1.2.276.0.7230010.3.1.4.8323329.1000.1517875165.878027": 0,
+    "1.2.276.0.7230010.3.1.4.8323329.12743.1517875241.599591": 2071,
+    "1.2.276.0.7230010.3.1.4.8323329.1314.1517875167.222290": 29079,
+    "1.2.276.0.7230010.3.1.4.8323329.4440.1517875182.865105": 2486,
+}
+
+
+def _write_dicomdir(files: list[Path], folder: Path) -> None:
+    """Write ``files`` as a DICOM File-set (DICOMDIR + PT*/ST*/SE*/IM*), as a CD or a PACS
+    export holds them. The SIIM headers lack the study fields a DICOMDIR record needs; those
+    are filled in, pixels and UIDs are left alone."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    file_set = FileSet()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in (("StudyID", "1"), ("StudyDate", "20190101"),
+                               ("StudyTime", "000000"), ("SeriesNumber", 1),
+                               ("InstanceNumber", 1)):  # fmt: skip
+            if not str(ds.get(keyword, "") or "").strip():
+                setattr(ds, keyword, value)
+        file_set.add(ds)
+    file_set.write(folder)
+
+
+def test_dicomdir_layout_is_cached_by_sop_instance_uid(
+    siim: Path, real_rle_csv: Path, tmp_path: Path
+) -> None:
+    files = sorted((siim / "dicom-images-train").rglob("*.dcm"))
+    files += [siim / "dicom-sample" / f"{uid}.dcm" for uid in SAMPLE_AREAS]
+    raw = tmp_path / "cd"
+    _write_dicomdir(files, raw)
+    names = sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file())
+    assert names[0] == "DICOMDIR" and all(n.endswith("/IM000000") for n in names[1:])
+    assert len(names) == 8
+    cache = tmp_path / "cache"
+    summary = run_preprocess(raw, cache, PreprocessConfig(image_size=64), rle_csv=real_rle_csv)
+    areas = {**REAL_TRAIN_AREAS, **SAMPLE_AREAS}
+    assert (summary.images, summary.rejected, summary.positive) == (7, 0, 5)
+    assert set(areas).isdisjoint(summary.labels_without_image)
+    assert len(summary.labels_without_image) == 12047 - 7
+    manifest = load_manifest(cache).set_index("ImageId")
+    assert dict(manifest["mask_area_px"]) == areas
+    assert all(manifest.loc[uid, "source"].endswith("/IM000000") for uid in areas)
+    assert sorted(p.stem for p in (cache / "images").iterdir()) == sorted(areas)
+    again = run_preprocess(raw, cache, PreprocessConfig(image_size=64), rle_csv=real_rle_csv)
+    assert (again.processed, again.reused) == (0, 7)
+
+
+def test_image_ids_fall_back_to_the_uid_and_duplicates_are_judged_by_it(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(4)
+    for folder, uid in (("a", "1.2.3.1"), ("b", "1.2.3.2"), ("c", "1.2.3.1")):
+        (raw / folder).mkdir(parents=True)
+        write_dicom(raw / folder / "1.dcm", _fake_xray(rng, 128), jpeg=False, sop_uid=uid)
+    summary = run_preprocess(raw, tmp_path / "cache", PreprocessConfig(image_size=32))
+    # a/1.dcm keeps its name; b/1.dcm's name is taken, so its UID names it; c/1.dcm repeats
+    # a/1.dcm's SOPInstanceUID: the same image, a duplicate.
+    manifest = load_manifest(tmp_path / "cache")
+    assert dict(zip(manifest["ImageId"], manifest["source"], strict=True)) == {
+        "1": "a/1.dcm", "1.2.3.2": "b/1.dcm",
+    }  # fmt: skip
+    assert summary.rejected_examples == [
+        ("c/1.dcm", "duplicate: ImageId/SOPInstanceUID '1.2.3.1' is already a/1.dcm")
+    ]
+
+
+def test_a_constant_16_bit_image_is_reported_with_its_stored_value(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    flat = np.full((160, 160), 77, np.uint16)
+    write_dicom(raw / "flat16.dcm", flat, jpeg=False, extra={"BitsStored": 12, "HighBit": 11})
+    cv2.imwrite(str(raw / "flat16b.png"), flat)  # a 16-bit PNG: 77 >> 8 is 0
+    ramp = np.tile(np.arange(160, dtype=np.uint16) * 20, (160, 1))
+    extra = {"WindowCenter": 10_000, "WindowWidth": 10}  # every value far below the window
+    write_dicom(raw / "dark.dcm", ramp, jpeg=False, extra=extra)
+    write_dicom(raw / "ok.dcm", _fake_xray(np.random.default_rng(8), 160), jpeg=False)
+    summary = run_preprocess(raw, tmp_path / "cache", PreprocessConfig(image_size=32))
+    reasons = dict(summary.rejected_examples)
+    assert reasons == {
+        "flat16.dcm": "constant image (every stored pixel value is 77); nothing to learn",
+        "flat16b.png": "constant image (every stored pixel value is 77); nothing to learn",
+        "dark.dcm": "constant image once converted to 8 bits (every pixel is 0, from stored "
+        "values 0..3180: see its window or padding); nothing to learn",
+    }

@@ -86,8 +86,8 @@ def test_real_training_images_decode_to_known_areas(real_rle_csv, tmp_path):
         ("ImageId,EncodedPixels\nok,1 1\nbad,1 0\n", "line 3 (ImageId 'bad'): run 1 has length 0"),
         ("ImageId,EncodedPixels\nok,1 1\nbad,1 -4\n", "line 3 (ImageId 'bad'): run 1 has length"),
         ("ImageId,EncodedPixels\nok,1 1\nbad,2 3\n", "line 3 (ImageId 'bad'): run 1 ends at"),
-        ("ImageId,EncodedPixels\nok,1 1\n../x,1 1\n", "line 3: ImageId '../x' is not a safe"),
-        ("ImageId,EncodedPixels\nok,1 1\na/b,1 1\n", "line 3: ImageId 'a/b' is not a safe"),
+        ("ImageId,EncodedPixels\nok,1 1\n../x,1 1\n", "line 3: ImageId '../x' cannot be a file"),
+        ("ImageId,EncodedPixels\nok,1 1\na/b,1 1\n", "line 3: ImageId 'a/b' cannot be a file n"),
         ("ImageId,EncodedPixels\nok,1 1\n,1 1\n", "line 3: empty ImageId"),
         ("ImageId,EncodedPixels\n", "no rows to decode"),
         ("", "the CSV is empty"),
@@ -125,16 +125,36 @@ def test_skip_invalid_reports_rejections(tmp_path):
 def test_existing_outputs_kept_unless_overwrite(tmp_path):
     csv_path = write_csv(tmp_path, "a,0 1\nb,-1\n")
     out = tmp_path / "m"
-    out.mkdir()
+    first = invoke("rle-decode", csv_path, out, "--width", 2, "--height", 2, "--json")
+    assert json.loads(first.stdout)["written"] == 2
     sentinel = np.full((2, 2), 7, np.uint8)
-    cv2.imwrite(str(out / "a.png"), sentinel)
+    cv2.imwrite(str(out / "a.png"), sentinel)  # stands for a mask finished earlier
     result = invoke("rle-decode", csv_path, out, "--width", 2, "--height", 2, "--json")
-    assert json.loads(result.stdout)["skipped_existing"] == 1
+    assert json.loads(result.stdout)["skipped_existing"] == 2  # the same job resumes
     np.testing.assert_array_equal(read_png(out / "a.png"), sentinel)
     result = invoke("rle-decode", csv_path, out, "--width", 2, "--height", 2, "--overwrite")
     assert result.exit_code == 0
     np.testing.assert_array_equal(read_png(out / "a.png"), [[255, 0], [0, 0]])
     assert not [p for p in out.iterdir() if p.name.startswith(".pneumo-tmp")]
+
+
+def test_another_csv_or_size_is_not_resumed_into_old_masks(tmp_path):
+    out = tmp_path / "m"
+    first = write_csv(tmp_path, "a,0 1\n")
+    assert invoke("rle-decode", first, out, "--width", 2, "--height", 2).exit_code == 0
+    other = tmp_path / "other.csv"
+    other.write_text("ImageId,EncodedPixels\na,1 2\n")
+    for args in ([other, out, "--width", 2, "--height", 2], [first, out, "--width", 3]):
+        result = invoke("rle-decode", *args)
+        assert result.exit_code == 1 and "holds the outputs of another rle-decode job" in (
+            " ".join(result.stderr.split())
+        ), args
+    np.testing.assert_array_equal(read_png(out / "a.png"), [[255, 0], [0, 0]])  # untouched
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    cv2.imwrite(str(foreign / "a.png"), np.zeros((2, 2), np.uint8))  # not made by rle-decode
+    refused = invoke("rle-decode", first, foreign, "--width", 2, "--height", 2)
+    assert refused.exit_code == 1 and "without a .pneumo-job.json" in refused.stderr
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
@@ -143,7 +163,7 @@ def test_stale_temporary_files_are_removed(tmp_path):
     (out / ".pneumo-tmp-123-a.png").write_bytes(b"half a png")
     result = invoke("rle-decode", write_csv(tmp_path, "a,0 1\n"), out, "--width", 2, "--height", 2)
     assert result.exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".pneumo-job.json", "a.png"]
 
 
 def test_encode_round_trip_and_formats(tmp_path):
@@ -210,3 +230,34 @@ def test_encode_jpeg_style_threshold(siim, tmp_path):
     assert invoke("rle-encode", masks, out_csv, "--threshold", 127).exit_code == 0
     encoded = out_csv.read_text().splitlines()[1].split(",", 1)[1]
     np.testing.assert_array_equal(rle.decode_rle(encoded, *grey.shape), (grey > 127))
+
+
+def test_encode_reads_the_real_lossy_jpeg_masks_like_preprocess(siim, real_rle_csv, tmp_path):
+    # The 13 real JPEG masks: > 127 recovers the labels of train-rle.csv exactly (siim README).
+    # `rle-encode` reads them with the reader `preprocess --masks` uses: same files, same rule.
+    from pneumo_cli.core.config import PreprocessConfig
+    from pneumo_cli.data.preprocess import run_preprocess
+
+    mask_dir = siim / "jpg-sample" / "mask"
+    truth: dict[str, list[str]] = {}
+    for row in rle.read_rle_csv(real_rle_csv):
+        truth.setdefault(row.image_id, []).append(row.encoded)
+    explicit, automatic = tmp_path / "explicit.csv", tmp_path / "automatic.csv"
+    result = invoke("rle-encode", mask_dir, explicit, "--threshold", 127, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 13
+    rows = [line.split(",", 1) for line in explicit.read_text().splitlines()[1:]]
+    assert len(rows) == 13
+    for image_id, encoded in rows:
+        np.testing.assert_array_equal(
+            rle.decode_rle(encoded), rle.decode_union(truth[image_id]), err_msg=image_id
+        )
+    # Without --threshold a JPEG mask gets the lossy rule (> 127), a PNG any non-zero pixel.
+    assert invoke("rle-encode", mask_dir, automatic).exit_code == 0
+    assert automatic.read_text() == explicit.read_text()
+    summary = run_preprocess(
+        siim / "jpg-sample" / "image", tmp_path / "cache", PreprocessConfig(image_size=64),
+        masks_dir=mask_dir, workers=2,
+    )  # fmt: skip
+    assert (summary.positive, summary.negative, summary.unlabelled) == (8, 5, 1)
+    assert (tmp_path / "cache" / "truth.csv").read_text() == explicit.read_text()

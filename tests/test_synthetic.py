@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
 from pneumo_cli.core.errors import ConfigError, DicomError, InputError, OutputError
+from pneumo_cli.core.patient_key import PatientKeySecret
 from pneumo_cli.data.demo import CORRUPTION_KINDS, CSV_HEADER, iter_demo_images, write_demo_dataset
 from pneumo_cli.data.synthetic import MAX_PTX_FRACTION, MIN_PTX_FRACTION, draw_phantom
 from pneumo_cli.io import dicom_read
@@ -166,7 +167,8 @@ def test_csv_is_in_the_stage1_format_and_decodes_to_the_drawn_masks(demo):
 def test_images_read_back_match_the_phantoms_within_jpeg_loss(demo):
     out, _, images = demo
     for item in images:
-        xray = dicom_read.read_xray(out / item.relative_path)
+        secret = PatientKeySecret(Path("test.secret"), b"s" * 32)
+        xray = dicom_read.read_xray(out / item.relative_path, patient_secret=secret)
         difference = np.abs(xray.image.astype(np.int16) - item.phantom.image.astype(np.int16))
         assert difference.mean() < 3.0 and difference.max() <= 40, item.photometric
         assert xray.meta["patient_key"] and xray.meta["view_position"] in ("AP", "PA")

@@ -18,7 +18,9 @@ def preprocess_command(
         Path,
         typer.Argument(
             help="Folder of X-rays, searched recursively: DICOM (.dcm, or no extension with a "
-            "DICOM preamble), PNG or JPEG. The ImageId is the file name without its extension.",
+            "DICOM preamble), PNG or JPEG. The ImageId is the file name without its extension; "
+            "for DICOMDIR/PACS files named like IM000000, and for a name another file has "
+            "already, the SOPInstanceUID.",
             show_default=False,
         ),
     ],
@@ -95,6 +97,18 @@ def preprocess_command(
             "patient-identifying field is written anywhere (an old phi.csv is deleted).",
         ),
     ] = False,
+    patient_key_secret: Annotated[
+        Path | None,
+        typer.Option(
+            "--patient-key-secret",
+            metavar="FILE",
+            help="Secret that turns each PatientID into patient_key (an HMAC; the splits keep "
+            "a patient's images together). Default: a per-installation secret created on first "
+            "use in ~/.config/pneumo/patient-key.secret (or $PNEUMO_PATIENT_KEY_SECRET_FILE). "
+            "The cache records only its identifier; re-runs into it need the same secret.",
+            show_default=False,
+        ),
+    ] = None,
     workers: Workers = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -149,6 +163,7 @@ def preprocess_command(
         overwrite=overwrite,
         strict=strict,
         keep_phi=keep_phi,
+        patient_key_secret=patient_key_secret,
         progress=progress_factory(quiet),
     )
     if not quiet:

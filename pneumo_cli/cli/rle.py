@@ -55,11 +55,15 @@ def rle_encode_command(
     ],
     out_csv: Annotated[Path, typer.Argument(metavar="OUT_CSV", help="CSV file to write.")],
     threshold: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=0, max=254, help="Foreground is grey value > THRESHOLD (use 127 for JPEG masks)."
+            min=0,
+            max=254,
+            show_default=False,
+            help="Foreground is grey value > THRESHOLD in every mask. Default: as `preprocess "
+            "--masks` reads masks, > 0 in PNG/BMP/TIFF and > 127 in lossy JPEG masks.",
         ),
-    ] = 0,
+    ] = None,
     overwrite: Overwrite = False,
     workers: Workers = None,
     as_json: Json = False,
@@ -67,7 +71,9 @@ def rle_encode_command(
 ) -> None:
     """Encode a folder of mask images into a SIIM RLE CSV (Kaggle submission format).
 
-    ImageId is the file stem; any non-zero pixel is foreground; empty masks are written as -1.
+    Reads PNG, JPEG, BMP and TIFF masks as `preprocess --masks` does: ImageId is the file name
+    without its suffix; any non-zero pixel is foreground (above 127 in JPEG masks, whose
+    compression smears the edges); empty masks are written as -1.
     """
     from pneumo_cli.cli.console import progress_factory
     from pneumo_cli.io.rle_files import encode_folder

@@ -30,3 +30,32 @@ class OutputError(PneumoError):
 
 class ConfigError(PneumoError):
     """A setting is invalid, or a run/cache was written with settings that do not fit."""
+
+
+_OPENERS, _CLOSERS = "([{", ")]}"
+
+
+def shorten_reason(text: str, limit: int = 160) -> str:
+    """``text`` (e.g. a library's exception message) as one line of at most ``limit``
+    characters, to quote inside a pneumo message.
+
+    A longer text is cut at a word boundary and ends with an ellipsis, never inside a bracket
+    it opened (a cut "... or (" inside the caller's own parentheses would read "... or )"), so
+    the quoting message keeps balanced parentheses.
+    """
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if text[len(cut)] != " " and space >= limit // 2:  # not at a word's end: drop its start
+        cut = cut[:space]
+    unclosed: list[int] = []
+    for index, char in enumerate(cut):
+        if char in _OPENERS:
+            unclosed.append(index)
+        elif char in _CLOSERS and unclosed:
+            unclosed.pop()
+    if unclosed:
+        cut = cut[: unclosed[0]]
+    return cut.rstrip(" ,;:-'\"") + "…"

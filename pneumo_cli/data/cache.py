@@ -219,6 +219,12 @@ def select_split(cache: CacheInfo, split: str, need_positive: bool = False) -> l
     Raises:
         InputError: the split has no labelled image, or (``need_positive``) no positive one.
     """
+    if not cache.records:
+        raise InputError(
+            f"{cache.folder / 'manifest.csv'} has no labelled images (every image is cached "
+            "without a mask); re-run `pneumo preprocess` with --rle train-rle.csv or --masks "
+            "MASK_DIR to add labels"
+        )
     chosen = [r for r in cache.records if r.split == split]
     if not chosen:
         found = sorted({r.split for r in cache.records})
@@ -233,3 +239,25 @@ def select_split(cache: CacheInfo, split: str, need_positive: bool = False) -> l
             "a model cannot learn masks from empty images only"
         )
     return chosen
+
+
+def check_record_files(records: list[CacheRecord], image_size: int) -> None:
+    """Check that every record's image and mask is an ``image_size`` square PNG, reading only
+    each file's header, so a damaged cache is refused before a run starts (not mid-epoch).
+
+    Raises:
+        InputError: the first missing or wrong file, named.
+    """
+    from pneumo_cli.core.image_files import raster_size
+
+    for record in records:
+        for path in (record.image, record.mask):
+            if not path:
+                continue
+            if not os.path.isfile(path):
+                raise InputError(f"cache file {path} is missing; recreate the cache")
+            if raster_size(path) != (image_size, image_size):
+                raise InputError(
+                    f"{path}: not a {image_size}x{image_size} PNG; the cache is damaged or was "
+                    "made with another image size (recreate it)"
+                )

@@ -15,6 +15,7 @@ from pneumo_cli.core.files import (
     ensure_output_dir,
     remove_stale_temporaries,
 )
+from pneumo_cli.core.patient_key import PatientKeySecret, check_same_secret, secret_record
 from pneumo_cli.core.provenance import IMAGE_PACKAGES, package_versions
 from pneumo_cli.data.cache import (
     MANIFEST_COLUMNS,
@@ -26,6 +27,7 @@ from pneumo_cli.data.cache import (
 )
 from pneumo_cli.data.splits import Assignment, SplitItem, assign_splits
 
+PATIENT_KEY_FIELD = "patient_key_secret"
 _OUR_FOLDERS = {"images": ".png", "masks": ".png", "records": ".json"}
 
 
@@ -58,8 +60,11 @@ def refuse_cache_inside_inputs(
             )
 
 
-def check_existing_cache(cache: Path, settings: PreprocessConfig, labels: dict[str, str]) -> Any:
-    """Refuse a cache made with other settings or labels; return its earlier manifest (or None).
+def check_existing_cache(
+    cache: Path, settings: PreprocessConfig, labels: dict[str, str], secret: PatientKeySecret
+) -> Any:
+    """Refuse a cache made with other settings, labels or patient-key secret; return its
+    earlier manifest (or None).
 
     Reads only: nothing is written before the whole run is known to be possible.
     """
@@ -85,13 +90,26 @@ def check_existing_cache(cache: Path, settings: PreprocessConfig, labels: dict[s
             f"{cache} has images/masks/records folders but no preprocess.json; it is not a "
             "pneumo cache (use --overwrite to rebuild it, or choose another CACHE_DIR)"
         )
+    previous = None
     if (cache / "manifest.csv").is_file():
-        return read_manifest_file(cache / "manifest.csv")
-    return None
+        previous = read_manifest_file(cache / "manifest.csv")
+    if info_path.is_file():
+        recorded = read_json_object(info_path).get(PATIENT_KEY_FIELD)
+        # A cache of an older pneumo without any patient key has nothing to keep consistent.
+        keyless = recorded is None and (
+            previous is None or not (previous["patient_key"] != "").any()
+        )
+        if not keyless:
+            check_same_secret(recorded, secret, cache)
+    return previous
 
 
 def start_cache(
-    cache: Path, settings: PreprocessConfig, labels: dict[str, str], overwrite: bool
+    cache: Path,
+    settings: PreprocessConfig,
+    labels: dict[str, str],
+    secret: PatientKeySecret,
+    overwrite: bool,
 ) -> None:
     """Create the folders (emptied with ``overwrite``) and record the settings, marked
     incomplete, before any image is written."""
@@ -101,7 +119,7 @@ def start_cache(
     for name in _OUR_FOLDERS:
         ensure_output_dir(cache / name)
     sweep_temporaries(cache)
-    write_settings(cache, settings, labels, {}, complete=False)
+    write_settings(cache, settings, labels, secret, {}, complete=False)
 
 
 def sweep_temporaries(cache: Path) -> None:
@@ -126,6 +144,7 @@ def write_settings(
     cache: Path,
     settings: PreprocessConfig,
     labels: dict[str, str],
+    secret: PatientKeySecret,
     counts: dict[str, Any],
     complete: bool,
 ) -> None:
@@ -134,6 +153,8 @@ def write_settings(
         {
             "settings": to_dict(settings),
             "labels": labels,
+            # Which secret made the patient keys (its identifier only, never the secret).
+            PATIENT_KEY_FIELD: secret_record(secret),
             "versions": package_versions(IMAGE_PACKAGES),
             "pneumo_version": __version__,
             "counts": counts,
@@ -143,12 +164,18 @@ def write_settings(
 
 
 def truth_csv(records: list[dict[str, Any]]) -> str:
-    """``ImageId,EncodedPixels`` of every labelled image at its original size, sorted."""
-    lines = ["ImageId,EncodedPixels"]
+    """``ImageId,EncodedPixels`` of every labelled image at its original size, sorted (an
+    ImageId holding a comma or a quote is quoted)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ImageId", "EncodedPixels"])
     for record in sorted(records, key=lambda r: r["ImageId"]):
         if record.get("truth_rle") is not None:
-            lines.append(f"{record['ImageId']},{record['truth_rle']}")
-    return "\n".join(lines) + "\n"
+            writer.writerow([record["ImageId"], record["truth_rle"]])
+    return buffer.getvalue()
 
 
 def rejected_csv(rejected: list[tuple[str, str]]) -> str:

@@ -110,27 +110,41 @@ def prepare_image(image: np.ndarray, settings: PreprocessConfig) -> Prepared:
 def prepare_mask(mask: np.ndarray, crop: Box, settings: PreprocessConfig) -> np.ndarray:
     """Crop and resize a {0,1} (H, W) mask like its image; returns uint8 {0,1} (S, S).
 
-    Shrinking: a cached pixel is foreground when at least half of the original pixels it covers
-    are (area interpolation, threshold 0.5), so areas scale faithfully. A connected region too
-    thin to cover half of any cached pixel (a 1-3 px sliver at 1024 px) would vanish that way; such
-    a region instead keeps every cached pixel it touches, so no annotation is ever erased.
-    Enlarging uses nearest neighbour.
+    Every rule here is pixel-centred, so a shape keeps its centroid (to ~0.01 px on average;
+    OpenCV's plain nearest neighbour samples pixel corners and moved masks ~0.5 px down and right
+    of their image when the crop box was smaller than ``image_size``).
+
+    Enlarging (both sides of the crop box below S): nearest neighbour at pixel centres
+    (``INTER_NEAREST_EXACT``), which keeps every annotated pixel. Shrinking: a cached pixel is
+    foreground when at least half of the original area it covers is (area rule), so areas scale
+    faithfully; a side below S is first enlarged by repeating its pixels a whole number of
+    times, which moves nothing. A connected region too thin to cover half of any cached pixel (a
+    1-3 px sliver at 1024 px) would vanish that way; such a region instead keeps every cached
+    pixel its pixels' centres fall in, so no annotation is ever erased.
     """
     import cv2
 
     top, bottom, left, right = crop
     region = (mask[top:bottom, left:right] > 0).astype(np.uint8)
     size = settings.image_size
+    if not region.any():
+        return np.zeros((size, size), dtype=np.uint8)
+    if region.shape[0] <= size and region.shape[1] <= size:
+        return cv2.resize(region, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+    repeat_rows = -(-size // region.shape[0])  # ceil: each side becomes at least `size`
+    repeat_cols = -(-size // region.shape[1])
+    if repeat_rows > 1:
+        region = np.repeat(region, repeat_rows, axis=0)
+    if repeat_cols > 1:
+        region = np.repeat(region, repeat_cols, axis=1)
     height, width = region.shape
-    if height < size or width < size:
-        return cv2.resize(region, (size, size), interpolation=cv2.INTER_NEAREST)
     coverage = cv2.resize(region.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     small = (coverage >= 0.5).astype(np.uint8)
-    if not region.any():
-        return small
     count, labels = cv2.connectedComponents(region, connectivity=8)
     rows, cols = np.nonzero(labels)
-    small_rows, small_cols = rows * size // height, cols * size // width
+    # The cached pixel each original pixel's centre falls in.
+    small_rows = (2 * rows + 1) * size // (2 * height)
+    small_cols = (2 * cols + 1) * size // (2 * width)
     kept = np.bincount(labels[rows, cols], weights=small[small_rows, small_cols], minlength=count)
     lost = kept[labels[rows, cols]] == 0
     small[small_rows[lost], small_cols[lost]] = 1
@@ -145,7 +159,8 @@ def restore_to_original(
 
     Args:
         array: (S, S) float probabilities (``is_mask=False``, bilinear, returned as float32) or a
-            {0,1} mask (``is_mask=True``, nearest neighbour, returned as uint8 {0,1}).
+            {0,1} mask (``is_mask=True``, pixel-centred nearest neighbour, returned as uint8
+            {0,1}).
         crop: (top, bottom, left, right) from :class:`Prepared` or the manifest.
         original_shape: (H, W) of the original image.
     """
@@ -168,7 +183,8 @@ def restore_region(
         raise ValueError(f"crop box {crop} does not fit an image of shape {original_shape}")
     if is_mask:
         source = (np.asarray(array) > 0).astype(np.uint8)
-        interpolation = cv2.INTER_NEAREST
+        # INTER_NEAREST samples each pixel's corner, not its centre: masks would move ~0.5 px.
+        interpolation = cv2.INTER_NEAREST_EXACT
     else:
         source = np.asarray(array, dtype=np.float32)
         interpolation = cv2.INTER_LINEAR

@@ -16,6 +16,7 @@ from typing import Any
 from pneumo_cli.core.config import PreprocessConfig
 from pneumo_cli.core.errors import InputError, PneumoError
 from pneumo_cli.core.files import atomic_write_text
+from pneumo_cli.core.patient_key import PatientKeySecret
 from pneumo_cli.core.progress import ProgressFn
 from pneumo_cli.core.workers import MapFn
 from pneumo_cli.data.imaging import prepare_image, prepare_mask
@@ -23,13 +24,21 @@ from pneumo_cli.data.imaging import prepare_image, prepare_mask
 
 @dataclass(frozen=True)
 class Candidate:
-    """An X-ray accepted by the scan: ``source`` is its path relative to RAW_DIR (POSIX)."""
+    """An X-ray accepted by the scan: ``source`` is its path relative to RAW_DIR (POSIX);
+    ``uids`` are its header's SOPInstanceUID and MediaStorageSOPInstanceUID (none for PNG/JPEG),
+    by which labels are matched too."""
 
     path: Path
     source: str
     image_id: str
     rows: int
     cols: int
+    uids: tuple[str, ...] = ()
+
+    @property
+    def label_keys(self) -> tuple[str, ...]:
+        """The names a label may be filed under: the ImageId, then the header's UIDs."""
+        return tuple(dict.fromkeys((self.image_id, *self.uids)))
 
 
 def _header_task(path: Path) -> tuple[Path, Any, str]:
@@ -60,10 +69,13 @@ def list_xray_files(raw: str | os.PathLike[str]) -> list[Path]:
 def scan_raw_dir(
     raw: Path, pool_map: MapFn, keep: dict[str, str]
 ) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """List the X-rays under ``raw`` and drop those whose ImageId (file stem) or SOPInstanceUID
-    was already seen. Files named in the earlier manifest (``keep``) are seen first, then the
-    rest in path order, so a grown RAW_DIR never displaces an image already in the cache."""
+    """List the X-rays under ``raw``, give each its ImageId and drop duplicates (see
+    :class:`pneumo_cli.io.xrays.ImageIdRegistry`: a repeated SOPInstanceUID is a duplicate; a
+    taken ImageId falls back to the SOPInstanceUID). Files named in the earlier manifest
+    (``keep``) are seen first, then the rest in path order, so a grown RAW_DIR never displaces
+    an image already in the cache or changes its ImageId."""
     from pneumo_cli.core.files import check_image_id
+    from pneumo_cli.io.xrays import ImageIdRegistry
 
     paths = list_xray_files(raw)
     if not paths:
@@ -74,7 +86,7 @@ def scan_raw_dir(
         key=lambda h: (h[0].relative_to(raw).as_posix() not in kept_sources, h[0]),
     )
     candidates, rejected = [], []
-    first_of: dict[str, str] = {}
+    registry = ImageIdRegistry()
     for path, header, error in headers:
         source = path.relative_to(raw).as_posix()
         if header is None:
@@ -82,18 +94,11 @@ def scan_raw_dir(
             continue
         try:
             check_image_id(header.image_id, source)
+            image_id = registry.claim(source, header.image_id, header.uids)
         except InputError as exc:
             rejected.append((source, _reason(exc, source)))
             continue
-        keys = [header.image_id] + [header.instance_uid] * (header.instance_uid != "")
-        clash = next((key for key in keys if key in first_of), None)
-        if clash is not None:
-            reason = f"duplicate: ImageId/SOPInstanceUID '{clash}' is already {first_of[clash]}"
-            rejected.append((source, reason))
-            continue
-        for key in keys:
-            first_of[key] = source
-        candidates.append(Candidate(path, source, header.image_id, header.rows, header.cols))
+        candidates.append(Candidate(path, source, image_id, header.rows, header.cols, header.uids))
     return candidates, rejected
 
 
@@ -102,11 +107,12 @@ def process_images(
     label_of: dict[str, tuple],
     cache: Path,
     settings: PreprocessConfig,
+    secret: PatientKeySecret,
     pool_map: MapFn,
     progress: ProgressFn | None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], int]:
     """Process every candidate not finished by an earlier run; returns (records, rejected,
-    number processed now)."""
+    number processed now). ``secret`` turns PatientIDs into ``patient_key`` values."""
     advance = progress or (lambda n: None)
     records, tasks = [], []
     for item in candidates:
@@ -115,7 +121,7 @@ def process_images(
         if record is not None:
             records.append(record)
         else:
-            tasks.append((item, label, cache, settings))
+            tasks.append((item, label, cache, settings, secret))
     advance(len(records))
     rejected = []
     for status, value in pool_map(_process_task, tasks):
@@ -142,9 +148,9 @@ def _finished_record(cache: Path, item: Candidate, labelled: bool) -> dict[str, 
 
 
 def _process_task(task: tuple) -> tuple[str, Any]:
-    item, label, cache, settings = task
+    item, label, cache, settings, secret = task
     try:
-        return "done", _process_one(item, label, cache, settings)
+        return "done", _process_one(item, label, cache, settings, secret)
     except InputError as exc:
         # Only a bad input is a rejection; an OutputError (disk full, read-only cache) stops
         # the run, or the cache would silently lose every image written after the disk filled.
@@ -152,14 +158,18 @@ def _process_task(task: tuple) -> tuple[str, Any]:
 
 
 def _process_one(
-    item: Candidate, label: tuple | None, cache: Path, settings: PreprocessConfig
+    item: Candidate,
+    label: tuple | None,
+    cache: Path,
+    settings: PreprocessConfig,
+    secret: PatientKeySecret,
 ) -> dict[str, Any]:
     """Decode, check, prepare and write one image (and its mask); the record goes last."""
     from pneumo_cli.core.files import write_mask_png, write_png
     from pneumo_cli.io.dicom_read import read_xray
     from pneumo_cli.io.rle import encode_rle
 
-    xray = read_xray(item.path)
+    xray = read_xray(item.path, patient_secret=secret)
     image = xray.image
     height, width = image.shape
     if min(height, width) < settings.min_image_px:
@@ -167,7 +177,7 @@ def _process_one(
             f"too small ({width}x{height} px; the minimum side is {settings.min_image_px} px)"
         )
     if int(image.min()) == int(image.max()):
-        raise InputError(f"constant image (every pixel is {int(image.min())}); nothing to learn")
+        raise InputError(_constant_reason(xray))
     mask = _load_mask(label, height, width, item)
     prepared = prepare_image(image, settings)
     image_name = f"images/{item.image_id}.png"
@@ -204,6 +214,19 @@ def _process_one(
     return record
 
 
+def _constant_reason(xray: Any) -> str:
+    """Why a constant image is refused, in the values the file stores (a constant 16-bit image
+    of 77 is 0 once scaled to 8 bits; the reason says 77)."""
+    low, high = xray.stored_range or (int(xray.image.min()),) * 2
+    shown = [f"{value:g}" for value in (low, high)]
+    if low == high:
+        return f"constant image (every stored pixel value is {shown[0]}); nothing to learn"
+    return (
+        f"constant image once converted to 8 bits (every pixel is {int(xray.image.min())}, "
+        f"from stored values {shown[0]}..{shown[1]}: see its window or padding); nothing to learn"
+    )
+
+
 def _load_mask(label: tuple | None, height: int, width: int, item: Candidate) -> Any:
     """The uint8 {0,1} (H, W) mask of an image at its original size, or None if unlabelled."""
     if label is None:
@@ -212,15 +235,15 @@ def _load_mask(label: tuple | None, height: int, width: int, item: Candidate) ->
         from pneumo_cli.io.rle import decode_union
 
         return decode_union(label[1], height, width)
-    from pneumo_cli.core.files import read_grey_png
+    from pneumo_cli.io.mask_files import read_mask_file
 
-    mask = read_grey_png(label[1]) > label[2]
+    mask = read_mask_file(label[1], label[2])
     if mask.shape != (height, width):
         raise InputError(
             f"mask {label[1]} is {mask.shape[1]}x{mask.shape[0]} but the decoded image is "
             f"{width}x{height}"
         )
-    return mask.astype("uint8")
+    return mask
 
 
 # --- patient fields (--keep-phi only) ----------------------------------------------------------

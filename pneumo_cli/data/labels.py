@@ -11,11 +11,6 @@ from typing import Any
 from pneumo_cli.core.errors import InputError
 from pneumo_cli.data.inputs import Candidate
 
-# --- labels -------------------------------------------------------------------------------------
-
-_MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_LOSSY_SUFFIXES = (".jpg", ".jpeg")
-
 
 @dataclass
 class Labels:
@@ -34,20 +29,29 @@ class Labels:
     def match(self, candidates: list[Candidate]) -> tuple[dict[str, tuple], list[str]]:
         """Pair images with labels, checking every label fits its image's size.
 
-        Returns (ImageId -> label spec, sorted ImageIds of labels without an image).
+        A label is found under the image's ImageId, else under its SOPInstanceUID or
+        MediaStorageSOPInstanceUID (a DICOMDIR's ``IM000000`` is labelled by its UID, the
+        Kaggle ImageId). Returns (ImageId -> label spec, sorted names of labels without an
+        image).
 
         Raises:
             RleError: an RLE row runs past its image (its mask is for another size).
             InputError: a mask file's size differs from its image's.
         """
         from pneumo_cli.core.errors import RleError
-        from pneumo_cli.io.dicom_read import read_header
+        from pneumo_cli.core.files import image_file_size
+        from pneumo_cli.io.mask_files import mask_threshold
         from pneumo_cli.io.rle import parse_runs, row_context
 
         label_of: dict[str, tuple] = {}
+        used: set[str] = set()
         for item in candidates:
-            if item.image_id in self.rle:
-                rows = self.rle[item.image_id]
+            key = next((k for k in item.label_keys if k in self.rle or k in self.files), None)
+            if key is None:
+                continue
+            used.add(key)
+            if key in self.rle:
+                rows = self.rle[key]
                 for row in rows:
                     try:
                         parse_runs(row.encoded, item.rows, item.cols)
@@ -58,18 +62,16 @@ class Labels:
                             f"its image {item.source} ({item.cols}x{item.rows})"
                         ) from None
                 label_of[item.image_id] = ("rle", [row.encoded for row in rows])
-            elif item.image_id in self.files:
-                path = self.files[item.image_id]
-                header = read_header(path)
-                if (header.rows, header.cols) != (item.rows, item.cols):
+            else:
+                path = self.files[key]
+                rows, cols = image_file_size(path)
+                if (rows, cols) != (item.rows, item.cols):
                     raise InputError(
-                        f"mask {path} is {header.cols}x{header.rows} but its image {item.source} "
+                        f"mask {path} is {cols}x{rows} but its image {item.source} "
                         f"is {item.cols}x{item.rows}; masks must have their image's size"
                     )
-                threshold = 127 if path.suffix.lower() in _LOSSY_SUFFIXES else 0
-                label_of[item.image_id] = ("file", str(path), threshold)
-        found = {item.image_id for item in candidates}
-        unmatched = sorted((set(self.rle) | set(self.files)) - found)
+                label_of[item.image_id] = ("file", str(path), mask_threshold(path))
+        unmatched = sorted((set(self.rle) | set(self.files)) - used)
         return label_of, unmatched
 
 
@@ -79,8 +81,8 @@ def read_labels(
     import hashlib
 
     from pneumo_cli.core.files import iter_files, read_input_bytes
+    from pneumo_cli.io.mask_files import MASK_SUFFIXES, mask_image_id
     from pneumo_cli.io.rle import read_rle_csv
-    from pneumo_cli.io.xrays import image_id_of
 
     if rle_csv is not None:
         rows = read_rle_csv(rle_csv)
@@ -95,8 +97,8 @@ def read_labels(
             raise InputError(f"--masks {folder} is not a folder of mask images")
         files: dict[str, Path] = {}
         listing = hashlib.sha256()
-        for path in iter_files(folder, _MASK_SUFFIXES):
-            image_id = image_id_of(path)
+        for path in iter_files(folder, MASK_SUFFIXES):
+            image_id = mask_image_id(path)
             if image_id in files:
                 raise InputError(
                     f"masks {files[image_id]} and {path} are both for ImageId '{image_id}'; "

@@ -38,6 +38,7 @@ from pneumo_cli.core.files import (
     ensure_output_dir,
 )
 from pneumo_cli.core.locks import folder_lock
+from pneumo_cli.core.patient_key import PatientKeySecret, load_secret
 from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.core.workers import worker_pool
 from pneumo_cli.data.cache import PHI_FILE, TRUTH_FILE
@@ -93,6 +94,7 @@ def run_preprocess(
     overwrite: bool = False,
     strict: bool = False,
     keep_phi: bool = False,
+    patient_key_secret: str | os.PathLike[str] | None = None,
     progress: ProgressFactory | None = None,
 ) -> PreprocessSummary:
     """Build (or finish, or extend) the cache in ``cache_dir`` from the X-rays under ``raw_dir``.
@@ -108,12 +110,17 @@ def run_preprocess(
         keep_phi: also write ``CACHE/phi.csv`` with each image's PatientID, PatientName,
             PatientBirthDate, InstitutionName and AccessionNumber. Without it no such field is
             written anywhere, and a phi.csv left by an earlier run is deleted.
+        patient_key_secret: file holding the secret that turns PatientIDs into
+            ``patient_key`` values (HMAC); default: the per-installation secret, created on
+            first use (see :mod:`pneumo_cli.core.patient_key`). The cache records only its
+            identifier, and a later run into it must use the same secret.
         progress: called with the number of images finished since the last call.
 
     Raises:
         InputError: RAW_DIR missing or without images, a label that does not fit its image,
             rejections under ``strict``.
-        ConfigError: the cache was made with other settings and ``overwrite`` is False.
+        ConfigError: the cache was made with other settings, or another patient-key secret,
+            and ``overwrite`` is False.
         OutputError: CACHE_DIR inside RAW_DIR, or not writable, or in use by another run.
     """
     started = time.perf_counter()
@@ -126,12 +133,13 @@ def run_preprocess(
     cache = Path(cache_dir)
     refuse_cache_inside_inputs(cache, raw, masks_dir)
     labels = read_labels(rle_csv, masks_dir)
+    secret = load_secret(patient_key_secret)
     created = not cache.exists()
     ensure_output_dir(cache)
     try:
         with folder_lock(cache, "preprocess"):
             return _build_cache(
-                raw, cache, settings, labels, workers=workers, overwrite=overwrite,
+                raw, cache, settings, labels, secret, workers=workers, overwrite=overwrite,
                 strict=strict, keep_phi=keep_phi, progress=progress, started=started,
             )  # fmt: skip
     finally:
@@ -146,6 +154,7 @@ def _build_cache(
     cache: Path,
     settings: PreprocessConfig,
     labels: Any,
+    secret: PatientKeySecret,
     *,
     workers: int,
     overwrite: bool,
@@ -156,16 +165,18 @@ def _build_cache(
 ) -> PreprocessSummary:
     """The body of :func:`run_preprocess`, run while holding the cache's lock."""
     # Everything that can refuse the run happens before the first write.
-    previous = None if overwrite else check_existing_cache(cache, settings, labels.fingerprint())
+    previous = None
+    if not overwrite:
+        previous = check_existing_cache(cache, settings, labels.fingerprint(), secret)
     try:
         with worker_pool(workers) as pool_map:
             candidates, rejected = scan_raw_dir(raw, pool_map, previous_sources(previous))
             label_of, unmatched = labels.match(candidates)
-            start_cache(cache, settings, labels.fingerprint(), overwrite)
+            start_cache(cache, settings, labels.fingerprint(), secret, overwrite)
             with stage(progress, "preprocess", len(candidates) + len(rejected)) as advance:
                 advance(len(rejected))
                 records, newly_rejected, processed = process_images(
-                    candidates, label_of, cache, settings, pool_map, advance
+                    candidates, label_of, cache, settings, secret, pool_map, advance
                 )
             phi_rows = read_phi_rows(raw, records, pool_map) if keep_phi else None
     except BaseException:
@@ -194,7 +205,7 @@ def _build_cache(
         atomic_write_text(phi_path, phi_csv(phi_rows), fsync=True)
     else:
         remove_file(phi_path)
-    write_settings(cache, settings, labels.fingerprint(), counts, complete=True)
+    write_settings(cache, settings, labels.fingerprint(), secret, counts, complete=True)
     atomic_write_text(cache / "manifest.csv", manifest.to_csv(index=False), fsync=True)
     return PreprocessSummary(
         cache_dir=str(cache),

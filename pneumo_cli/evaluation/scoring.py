@@ -15,7 +15,6 @@ Two entry points build the same :class:`Evaluation`:
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -32,7 +31,7 @@ from pneumo_cli.core.files import (
     atomic_write_text,
     describe_os_error,
     ensure_output_dir,
-    read_input_bytes,
+    read_text_input,
     remove_stale_temporaries,
 )
 from pneumo_cli.evaluation.results import (
@@ -250,9 +249,7 @@ def score_submission(
 
 def _read_max_probs(path: Path) -> dict[str, float] | None:
     """ImageId -> max probability from an optional ``max_prob`` column; None without one."""
-    data = read_input_bytes(path)
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)  # read_rle_csv has already proved it decompresses
+    data = read_text_input(path)  # bounded: read_rle_csv has already read it the same way
     reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), skipinitialspace=True)
     header = next((row for row in reader if any(cell.strip() for cell in row)), [])
     names = [cell.strip().lower() for cell in header]

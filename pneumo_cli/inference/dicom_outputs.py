@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import threading
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from pneumo_cli.core.errors import InputError
 from pneumo_cli.core.files import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from pneumo_cli.core.jobs import file_sha256
 from pneumo_cli.inference.sources import Item
 
 SEG_FOLDER = "dicom-seg"
@@ -141,7 +141,7 @@ def model_file_sha256(predictor: Any) -> str:
     model = path / "best.keras" if info is None else Path(info.model_path)
     if info is not None and model.is_dir():
         model = path / "pneumo-model.json"
-    return _sha256(model) if model.is_file() else ""
+    return file_sha256(model) if model.is_file() else ""
 
 
 def algorithm_source(predictor: Any) -> str:
@@ -152,11 +152,3 @@ def algorithm_source(predictor: Any) -> str:
     digest = f" model sha256 {digest[:12]}" if digest else ""
     name = Path(predictor.source).name[: 64 - len(kind) - len(digest) - 1]
     return f"{kind} {name}{digest}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -27,7 +27,7 @@ import numpy as np
 from pneumo_cli import __version__
 from pneumo_cli.core.choices import ExportFormat, Quantization, Tta, check_choice, values
 from pneumo_cli.core.config import PreprocessConfig, from_dict
-from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError, shorten_reason
 from pneumo_cli.inference.postprocess import Gate
 
 MANIFEST_FILE = "pneumo-model.json"
@@ -141,7 +141,7 @@ def _onnx_runner(path: Path, threads: int | None) -> Runner:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        reason = " ".join(str(exc).split())[:200]
+        reason = shorten_reason(str(exc), 200)
         raise InputError(f"{path}: not a loadable ONNX model ({reason})") from None
     input_name = session.get_inputs()[0].name
 
@@ -162,7 +162,7 @@ def _tflite_runner(path: Path, threads: int | None) -> Runner:
                 model_path=str(path), num_threads=threads or os.cpu_count() or 1
             )
         except ValueError as exc:
-            reason = " ".join(str(exc).split())[:200]
+            reason = shorten_reason(str(exc), 200)
             raise InputError(f"{path}: not a loadable TFLite model ({reason})") from None
     input_index = interpreter.get_input_details()[0]["index"]
     output_index = interpreter.get_output_details()[0]["index"]
@@ -175,7 +175,7 @@ def _tflite_runner(path: Path, threads: int | None) -> Runner:
             try:
                 interpreter.allocate_tensors()
             except RuntimeError as exc:
-                reason = " ".join(str(exc).split())[:200]
+                reason = shorten_reason(str(exc), 200)
                 raise InputError(f"{path}: TFLite cannot run this model ({reason})") from None
             allocated[:] = [shape]
         interpreter.set_tensor(input_index, batch.astype(np.float32, copy=False))
@@ -193,7 +193,7 @@ def _savedmodel_runner(path: Path, threads: int | None) -> Runner:
         loaded = tf.saved_model.load(str(path))
         serve = loaded.signatures["serving_default"]
     except (OSError, ValueError, KeyError) as exc:
-        reason = " ".join(str(exc).split())[:200]
+        reason = shorten_reason(str(exc), 200)
         raise InputError(f"{path}: not a loadable SavedModel ({reason})") from None
 
     def run(batch: np.ndarray) -> np.ndarray:

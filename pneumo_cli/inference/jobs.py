@@ -3,15 +3,11 @@ same job: the same model, gate, TTA, precision, preprocessing and pneumo version
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pneumo_cli.core.errors import ConfigError
-from pneumo_cli.core.files import (
-    atomic_write_json,
-)
+from pneumo_cli.core.jobs import claim_job
 from pneumo_cli.inference.postprocess import Gate
 
 JOB_FILE = "job.json"
@@ -36,38 +32,8 @@ def job_identity(predictor: Any, gate: Gate) -> dict[str, Any]:
     }
 
 
-def claim_job(out: Path, job: dict[str, Any], overwrite: bool) -> None:
-    """Record ``job`` in ``out/job.json``, or check that the outputs there are of the same job.
-
-    Raises:
-        ConfigError: ``out`` holds outputs of another job (naming the first differences) and
-            ``overwrite`` is False; or its job.json is unreadable.
-    """
-    path = out / JOB_FILE
-    if path.is_file() and not overwrite:
-        try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path} is unreadable ({exc}); use --overwrite") from None
-        differences = _differences(before, json.loads(json.dumps(job)))
-        if differences:
-            raise ConfigError(
-                f"{out} holds the outputs of another predict job ({'; '.join(differences[:3])}); "
-                "use --overwrite to replace them, or another --out"
-            )
-        return
-    if not overwrite and (out / "records").is_dir() and any((out / "records").iterdir()):
-        raise ConfigError(
-            f"{out} holds predictions without a {JOB_FILE} (an older pneumo wrote them), so "
-            "they cannot be resumed safely; use --overwrite to replace them, or another --out"
-        )
-    atomic_write_json(path, job)
-
-
-def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(now, dict):
-        found = []
-        for key in sorted(set(before) | set(now)):
-            found += _differences(before.get(key), now.get(key), f"{prefix}{key} ")
-        return found
-    return [] if before == now else [f"{prefix.strip()} {before!r} -> {now!r}"]
+def claim_predict_job(out: Path, job: dict[str, Any], overwrite: bool) -> None:
+    """:func:`~pneumo_cli.core.jobs.claim_job` for a predict output folder (``job.json``)."""
+    records = out / "records"
+    earlier = records.is_dir() and any(records.iterdir())
+    claim_job(out, job, overwrite, command="predict", file_name=JOB_FILE, earlier_outputs=earlier)

@@ -37,7 +37,7 @@ from pneumo_cli.core.files import (
 )
 from pneumo_cli.core.locks import folder_lock
 from pneumo_cli.core.progress import ProgressFactory, ProgressFn, stage
-from pneumo_cli.inference.jobs import claim_job, job_identity
+from pneumo_cli.inference.jobs import claim_predict_job, job_identity
 from pneumo_cli.inference.outputs import (
     PREDICTIONS_FILE,
     REJECTED_FILE,
@@ -196,7 +196,7 @@ def predict_sources(
     out = ensure_output_dir(out_dir, *inputs_to_protect)
     with folder_lock(out, "predict"):
         if job is not None:
-            claim_job(out, job, overwrite)
+            claim_predict_job(out, job, overwrite)
         outputs = PredictOutputs(out, save_probs, tuple(stages))
         outputs.prepare()
         return _predict_into(
@@ -363,7 +363,7 @@ def predict_inputs(
         protect: list[str | os.PathLike[str]] = [cache]
     else:
         sources, rejected = file_sources(collect_xray_files(inputs))
-        load = file_loader(predictor.settings)
+        load = file_loader(predictor.settings, sources)
         protect = [p for p in inputs if Path(p).is_dir()]
     stages = []
     if dicom_seg:

@@ -12,9 +12,6 @@ import numpy as np
 
 from pneumo_cli.core.config import PreprocessConfig
 from pneumo_cli.core.errors import InputError
-from pneumo_cli.core.files import (
-    check_image_id,
-)
 
 
 @dataclass(frozen=True)
@@ -49,36 +46,39 @@ def batches(items: Iterator[Item | Rejected], size: int) -> Iterator[list[Item |
 
 
 def file_sources(paths: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
-    """ImageId for each input file; a repeated ImageId is rejected naming the first file."""
-    from pneumo_cli.io.xrays import image_id_of
+    """ImageId for each input file, formed as `preprocess` forms it
+    (:class:`~pneumo_cli.io.dicom_read.XRayNamer`: the file name, or the SOPInstanceUID for
+    DICOMDIR members and taken names); duplicates and unsafe names are rejected with the reason."""
+    from pneumo_cli.io.dicom_read import XRayNamer
 
-    seen: dict[str, Path] = {}
+    namer = XRayNamer()
     sources, rejected = [], []
     for path in paths:
-        image_id = image_id_of(path)
         try:
-            check_image_id(image_id, str(path))
+            sources.append((namer.name(path), path))
         except InputError as exc:
             rejected.append((str(path), str(exc)))
-            continue
-        if image_id in seen:
-            rejected.append((str(path), f"same ImageId {image_id} as {seen[image_id]}"))
-            continue
-        seen[image_id] = path
-        sources.append((image_id, path))
     return sources, rejected
 
 
-def file_loader(settings: PreprocessConfig) -> Any:
-    """``load(path) -> Item``: read an X-ray and prepare it as the run's cache was prepared."""
+def file_loader(
+    settings: PreprocessConfig, sources: Sequence[tuple[str, Path]] | None = None
+) -> Any:
+    """``load(path) -> Item``: read an X-ray and prepare it as the run's cache was prepared.
+
+    The Item's ImageId is the one :func:`file_sources` gave the path (``sources``), else the one
+    :func:`~pneumo_cli.io.dicom_read.read_xray` forms for the file on its own.
+    """
     from pneumo_cli.data.imaging import prepare_image
     from pneumo_cli.io.dicom_read import read_xray
-    from pneumo_cli.io.xrays import image_id_of
+
+    image_ids = {path: image_id for image_id, path in sources or ()}
 
     def load(path: Path) -> Item:
         xray = read_xray(path)
         prepared = prepare_image(xray.image, settings)
-        return Item(image_id_of(path), prepared.image, prepared.crop, prepared.original_shape, path)
+        image_id = image_ids.get(path, xray.image_id)
+        return Item(image_id, prepared.image, prepared.crop, prepared.original_shape, path)
 
     return load
 

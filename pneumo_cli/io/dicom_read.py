@@ -3,7 +3,8 @@
 This is the only module that imports pydicom. :func:`read_xray` turns any supported file into an
 :class:`XRay`: a uint8 (H, W) image in which air is dark, plus a small dict of non-identifying
 header fields. Patient names, IDs, birth dates, institutions and accession numbers never leave this
-module; a non-empty PatientID only comes out as a salted hash (``patient_key``) used to keep one
+module; a non-empty PatientID only comes out as a keyed hash (``patient_key``, an HMAC under a
+secret the cache does not hold, see :mod:`pneumo_cli.core.patient_key`) used to keep one
 patient's images in one split.
 
 Pixel conversion, in DICOM order:
@@ -13,16 +14,18 @@ Pixel conversion, in DICOM order:
    pydicom's plugins (pylibjpeg); uncompressed natively; multi-frame files are refused;
 2. colour (RGB/YBR) is converted to grey;
 3. for images stored with more than 8 bits, or with a RescaleSlope/Intercept: the modality rescale,
-   then the first VOI window (WindowCenter/WindowWidth) or the VOI LUT, else the full value range,
-   mapped to 0..255;
-4. MONOCHROME1 (bright air) is inverted so that air is dark in every output.
+   then the first VOI window (WindowCenter/WindowWidth) with the VOI LUT Function the header
+   names (LINEAR, LINEAR_EXACT or SIGMOID, PS3.3 C.11.2.1.2-3; any other is refused), or the VOI
+   LUT, else the full value range of the image pixels, mapped to 0..255;
+4. MONOCHROME1 (bright air) is inverted so that air is dark in every output;
+5. pixel padding (PixelPaddingValue, up to PixelPaddingRangeLimit) is background: 0, and left
+   out of the value range in step 3, so a padded band is cropped like a black border.
 
 The SIIM files are 8-bit MONOCHROME2 JPEGs: for them step 3 is the identity.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,19 +34,25 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_cli.core.errors import DicomError, InputError
-from pneumo_cli.core.files import read_grey_png
+from pneumo_cli.core.errors import DicomError, InputError, shorten_reason
+from pneumo_cli.core.files import check_image_id, decode_image_file, image_file_size
+from pneumo_cli.core.image_files import check_image_pixels
+from pneumo_cli.core.patient_key import PatientKeySecret
 from pneumo_cli.io.dicom_pixels import (
     decode_grey_baseline,
     first_float,
     int_or_none,
     to_grey_uint8,
 )
-from pneumo_cli.io.xrays import DICOM_SUFFIXES, RASTER_SUFFIXES, has_dicom_preamble, image_id_of
-
-# The salt makes patient_key useless for looking up a known PatientID in a table of plain hashes.
-# It is fixed (not per cache) so that a patient keeps one key when RAW_DIR grows or is re-cached.
-PATIENT_SALT = "pneumo-patient-key-v1"
+from pneumo_cli.io.xrays import (
+    DICOM_SUFFIXES,
+    RASTER_SUFFIXES,
+    ImageIdRegistry,
+    has_dicom_preamble,
+    image_id_for,
+    image_id_of,
+    is_dicom_file,
+)
 
 
 @dataclass
@@ -52,30 +61,30 @@ class XRay:
 
     Attributes:
         image: uint8 (H, W) grey, 0..255, air dark.
-        image_id: the file stem (the SOPInstanceUID in the Kaggle layout).
+        image_id: see :func:`pneumo_cli.io.xrays.image_id_for`: the file name without its
+            suffix (the SOPInstanceUID in the Kaggle layout), the SOPInstanceUID for a DICOM
+            File-set member such as ``IM000000``.
         meta: non-identifying fields: ``pixel_spacing_mm`` (float | None), ``view_position``,
             ``sex`` (str, "" when absent), ``age`` (int | None), ``photometric``, ``bits_stored``,
-            ``rows``, ``cols`` (int) and ``patient_key`` (salted hash, "" without a PatientID).
+            ``rows``, ``cols`` (int) and ``patient_key`` (HMAC of the PatientID under the
+            secret given to :func:`read_xray`; "" without a PatientID or a secret).
+        stored_range: only when ``image`` is constant, the (min, max) of the values stored in
+            the file (a constant 16-bit image of 77 is 0 after scaling: say 77, not 0).
     """
 
     image: np.ndarray
     image_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    stored_range: tuple[float, float] | None = None
 
 
-def patient_key_of(patient_id: str, salt: str = PATIENT_SALT) -> str:
-    """A 16-hex-digit salted SHA-256 of ``patient_id``; "" for an empty or blank id."""
-    patient_id = patient_id.strip()
-    if not patient_id:
-        return ""
-    digest = hashlib.sha256(f"{salt}\x00{patient_id}".encode())
-    return digest.hexdigest()[:16]
-
-
-def read_xray(path: str | os.PathLike[str], *, salt: str = PATIENT_SALT) -> XRay:
+def read_xray(
+    path: str | os.PathLike[str], *, patient_secret: PatientKeySecret | None = None
+) -> XRay:
     """Read a DICOM, PNG or JPEG chest X-ray as an :class:`XRay` (uint8 (H, W), air dark).
 
-    DICOM is recognised by a ``.dcm``/``.dicom`` suffix or by the ``DICM`` preamble.
+    DICOM is recognised by a ``.dcm``/``.dicom`` suffix or by the ``DICM`` preamble. With
+    ``patient_secret`` the PatientID becomes ``meta["patient_key"]``; without, that is "".
 
     Raises:
         DicomError: the DICOM has no pixel data, cannot be decoded, is multi-frame, or has an
@@ -89,7 +98,7 @@ def read_xray(path: str | os.PathLike[str], *, salt: str = PATIENT_SALT) -> XRay
     if suffix in RASTER_SUFFIXES:
         return _read_raster(path)
     if suffix in DICOM_SUFFIXES or has_dicom_preamble(path):
-        return _read_dicom(path, salt)
+        return _read_dicom(path, patient_secret)
     raise InputError(f"{path}: not a DICOM, PNG or JPEG file (no DICM preamble, unknown suffix)")
 
 
@@ -118,13 +127,20 @@ def read_phi(path: str | os.PathLike[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class XRayHeader:
-    """What can be learnt without decoding pixels: ``instance_uid`` (SOPInstanceUID, "" for
-    PNG/JPEG), ``rows`` and ``cols``."""
+    """What can be learnt without decoding pixels: the ImageId
+    (:func:`pneumo_cli.io.xrays.image_id_for`), ``uids`` (the SOPInstanceUID, then the file
+    meta's MediaStorageSOPInstanceUID when it differs; empty for PNG/JPEG), ``rows`` and
+    ``cols``."""
 
     image_id: str
-    instance_uid: str
+    uids: tuple[str, ...]
     rows: int
     cols: int
+
+    @property
+    def instance_uid(self) -> str:
+        """The SOPInstanceUID (or, without one, the MediaStorageSOPInstanceUID); "" if none."""
+        return self.uids[0] if self.uids else ""
 
 
 def read_header(path: str | os.PathLike[str]) -> XRayHeader:
@@ -137,36 +153,78 @@ def read_header(path: str | os.PathLike[str]) -> XRayHeader:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     if path.suffix.lower() in RASTER_SUFFIXES:
-        rows, cols = _raster_size(path)
-        return XRayHeader(image_id_of(path), "", rows, cols)
+        rows, cols = image_file_size(path)
+        return XRayHeader(image_id_of(path), (), rows, cols)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = open_dataset(path, stop_before_pixels=True)
-        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        uids = instance_uids(ds)
         rows = int_or_none(ds.get("Rows"))
         cols = int_or_none(ds.get("Columns"))
     if not rows or not cols:
         if not has_dicom_preamble(path) and "Rows" not in ds:
             raise DicomError(f"{path}: not a DICOM file (no DICM preamble, no image header)")
         raise DicomError(f"{path}: DICOM header has no image size (Rows/Columns); not an image")
-    return XRayHeader(image_id_of(path), uid, rows, cols)
+    check_image_pixels(path, rows, cols)
+    return XRayHeader(image_id_for(path, uids), uids, rows, cols)
 
 
-def _raster_size(path: Path) -> tuple[int, int]:
-    """(rows, cols) of a PNG from its IHDR chunk, or of any other raster by decoding it."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
-    image = read_grey_png(path)
-    return int(image.shape[0]), int(image.shape[1])
+def instance_uids(ds: Any) -> tuple[str, ...]:
+    """The SOPInstanceUID and the file meta's MediaStorageSOPInstanceUID, stripped, without
+    empties or repeats (the stage-2 SIIM files hold the real UID only in the file meta)."""
+    meta = ds.file_meta if getattr(ds, "file_meta", None) is not None else {}
+    found = [
+        str(ds.get("SOPInstanceUID", "") or "").strip(),
+        str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip(),
+    ]
+    return tuple(dict.fromkeys(uid for uid in found if uid))
+
+
+class XRayNamer:
+    """ImageIds for X-ray files offered one at a time, by the rule ``preprocess`` uses (see
+    :mod:`pneumo_cli.io.xrays`): ``predict`` and ``overlay`` name their outputs with it, so
+    they agree with the cache and with each other on every layout (Kaggle, DICOMDIR, PACS)."""
+
+    def __init__(self) -> None:
+        self._registry = ImageIdRegistry()
+
+    def name(self, path: str | os.PathLike[str]) -> str:
+        """The ImageId of ``path``; a DICOM's header is read (not its pixels).
+
+        Raises:
+            InputError: an unreadable DICOM header, an ImageId that cannot be a file name, or
+                a duplicate of an earlier file (a repeated SOPInstanceUID or ImageId); the
+                message names the file.
+        """
+        path = Path(path)
+        uids: tuple[str, ...] = ()
+        if is_dicom_file(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                uids = instance_uids(open_dataset(path, stop_before_pixels=True))
+        image_id = check_image_id(image_id_for(path, uids), str(path))
+        try:
+            return self._registry.claim(str(path), image_id, uids)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
 
 
 def _read_raster(path: Path) -> XRay:
-    image = read_grey_png(path)
+    stored = decode_image_file(path)
+    image = (stored >> 8).astype(np.uint8) if stored.dtype == np.uint16 else stored
     meta = _empty_meta()
-    meta.update(photometric="MONOCHROME2", bits_stored=8, rows=image.shape[0], cols=image.shape[1])
-    return XRay(image=image, image_id=image_id_of(path), meta=meta)
+    bits = 16 if stored.dtype == np.uint16 else 8
+    meta.update(
+        photometric="MONOCHROME2", bits_stored=bits, rows=image.shape[0], cols=image.shape[1]
+    )
+    return XRay(image, image_id_of(path), meta, _range_if_constant(image, stored))
+
+
+def _range_if_constant(image: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
+    """(min, max) of the stored values when the 8-bit image came out constant, else None."""
+    if image.size and int(image.min()) == int(image.max()):
+        return float(stored.min()), float(stored.max())
+    return None
 
 
 def _empty_meta() -> dict[str, Any]:
@@ -183,7 +241,7 @@ def _empty_meta() -> dict[str, Any]:
     }
 
 
-def _read_dicom(path: Path, salt: str) -> XRay:
+def _read_dicom(path: Path, secret: PatientKeySecret | None) -> XRay:
     # Stage-2 SIIM files carry invalid UIDs ("ID_0011fe81e"); pydicom warns, we read on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -201,6 +259,8 @@ def _read_dicom(path: Path, salt: str) -> XRay:
                 "per file, so split the frames first"
             )
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        rows, cols = int_or_none(ds.get("Rows")) or 0, int_or_none(ds.get("Columns")) or 0
+        check_image_pixels(path, rows, cols)
         try:
             pixels = decode_grey_baseline(ds, path)
             if pixels is None:
@@ -210,8 +270,9 @@ def _read_dicom(path: Path, salt: str) -> XRay:
         except Exception as exc:  # noqa: BLE001 - decoders raise many unrelated types
             raise DicomError(f"{path}: pixel data cannot be decoded ({_short(exc)})") from None
         image = to_grey_uint8(ds, pixels, photometric, path)
-        meta = _dicom_meta(ds, photometric, image.shape, salt)
-    return XRay(image=image, image_id=image_id_of(path), meta=meta)
+        meta = _dicom_meta(ds, photometric, image.shape, secret)
+        image_id = image_id_for(path, instance_uids(ds))
+    return XRay(image, image_id, meta, _range_if_constant(image, pixels))
 
 
 def open_dataset(path: Path, stop_before_pixels: bool) -> Any:
@@ -241,11 +302,12 @@ def open_dataset(path: Path, stop_before_pixels: bool) -> Any:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:160]
+    return shorten_reason(str(exc) or type(exc).__name__)
 
 
-def _dicom_meta(ds: Any, photometric: str, shape: tuple[int, ...], salt: str) -> dict[str, Any]:
+def _dicom_meta(
+    ds: Any, photometric: str, shape: tuple[int, ...], secret: PatientKeySecret | None
+) -> dict[str, Any]:
     meta = _empty_meta()
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     spacing_mm = first_float(spacing)
@@ -256,7 +318,8 @@ def _dicom_meta(ds: Any, photometric: str, shape: tuple[int, ...], salt: str) ->
     meta["photometric"] = photometric
     meta["bits_stored"] = int_or_none(ds.get("BitsStored"))
     meta["rows"], meta["cols"] = int(shape[0]), int(shape[1])
-    meta["patient_key"] = patient_key_of(str(ds.get("PatientID", "") or ""), salt)
+    if secret is not None:
+        meta["patient_key"] = secret.patient_key(str(ds.get("PatientID", "") or ""))
     return meta
 
 

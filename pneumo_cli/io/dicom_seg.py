@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError, shorten_reason
 from pneumo_cli.core.files import atomic_write_bytes
 from pneumo_cli.io.dicom_read import PHI_FIELDS, open_dataset
 from pneumo_cli.io.seg_headers import header_signature, repair_source_header
@@ -370,4 +370,4 @@ def _redact(exc: BaseException, source: Dataset) -> str:
         secrets.update({value, *re.split(r"[\^=\\]", value)})
     for secret in sorted((s for s in secrets if len(s.strip()) >= 3), key=len, reverse=True):
         text = text.replace(secret, "<redacted>")
-    return text[:160]
+    return shorten_reason(text)

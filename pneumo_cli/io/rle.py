@@ -12,7 +12,6 @@ Masks here are uint8 {0, 1} arrays of shape (H, W) in image orientation.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo_cli.core.errors import RleError
-from pneumo_cli.core.files import read_input_bytes
+from pneumo_cli.core.files import read_text_input
 
 EMPTY = "-1"
 ID_COLUMNS = ("imageid", "image_id", "fname", "id", "image")
@@ -152,19 +151,16 @@ def read_rle_csv(path: str | Path) -> list[RleRow]:
     ``fname,mask``, wider files with those two columns among others (e.g. a pneumo
     ``predictions.csv``), or no header at all (two columns); UTF-8 with or without BOM; LF or CRLF;
     values with leading spaces; no final newline; gzip-compressed content (detected by its magic
-    bytes, whatever the file name). Blank lines are ignored. Values are returned stripped.
+    bytes, whatever the file name). Blank lines are ignored. Values are returned stripped. At
+    most :data:`pneumo_cli.core.files.MAX_TEXT_BYTES` (256 MiB) of text, after decompression.
 
     Raises:
         RleError: the file is empty, not text, or has no recognisable ImageId/RLE columns; a
             row has too few fields.
+        InputError: missing or unreadable, corrupt gzip data, or more text than the limit.
     """
     path = Path(path)
-    data = read_input_bytes(path)
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise RleError(f"{path}: corrupt gzip data ({exc})") from None
+    data = read_text_input(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -15,21 +15,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pneumo_cli import __version__
 from pneumo_cli.core.errors import InputError, OutputError, RleError
 from pneumo_cli.core.files import (
     atomic_write_text,
     check_image_id,
     ensure_output_dir,
     iter_files,
-    read_mask_png,
     remove_stale_temporaries,
     write_mask_png,
 )
+from pneumo_cli.core.image_files import MAX_IMAGE_PIXELS
+from pneumo_cli.core.jobs import claim_job, file_sha256
 from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.io import rle
+from pneumo_cli.io.mask_files import MASK_SUFFIXES, mask_image_id, read_mask_file
 
-MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 REJECTED_FILE = "rejected.csv"
+# What made a mask folder (hidden: the folder is read as a folder of masks).
+JOB_FILE = ".pneumo-job.json"
 
 
 @dataclass
@@ -117,6 +121,11 @@ def decode_csv(
     csv_path = Path(csv_path)
     if height < 1 or width < 1:
         raise InputError(f"mask size {width}x{height} is invalid; --width/--height must be >= 1")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"mask size {width}x{height} is over the {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel "
+            "limit pneumo decodes; check --width/--height"
+        )
     rows = rle.read_rle_csv(csv_path)
     groups, rejections = _group_rows(csv_path, rows, height, width)
     if rejections and not skip_invalid:
@@ -129,6 +138,12 @@ def decode_csv(
 
     folder = ensure_output_dir(out_dir)
     remove_stale_temporaries(folder)
+    job = {"csv_sha256": file_sha256(csv_path), "height": height, "width": width,
+           "pneumo_version": __version__}  # fmt: skip
+    earlier = any(folder.glob("*.png"))
+    claim_job(
+        folder, job, overwrite, command="rle-decode", file_name=JOB_FILE, earlier_outputs=earlier
+    )
     summary = DecodeSummary(rows=len(rows), out_dir=str(folder), rejections=rejections)
     summary.rejected_rows = len(rejections)
     summary.rejected_images = len({r.image_id for r in rejections})
@@ -195,15 +210,17 @@ def encode_folder(
     mask_dir: str | os.PathLike[str],
     out_csv: str | os.PathLike[str],
     *,
-    threshold: int = 0,
+    threshold: int | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     progress: ProgressFactory | None = None,
 ) -> EncodeSummary:
     """Encode every mask image in ``mask_dir`` into a Kaggle-style ``ImageId,EncodedPixels`` CSV.
 
-    ImageId is the file stem; a pixel is foreground when its grey value is above ``threshold``
-    (0: any non-zero pixel, so 0/1 and 0/255 masks both work; use 127 for lossy JPEG masks).
+    Masks are read as ``pneumo preprocess --masks`` reads them
+    (:func:`pneumo_cli.io.mask_files.read_mask_file`): ImageId is the name without the suffix
+    (PNG, JPEG, BMP, TIFF); a pixel is foreground when its grey value is above ``threshold``, by
+    default 0 for lossless files (0/1 and 0/255 masks both work) and 127 for lossy JPEG masks.
     Rows are sorted by ImageId; empty masks are written as ``-1``.
 
     Raises:
@@ -216,21 +233,21 @@ def encode_folder(
         raise InputError(f"{mask_dir}: mask folder not found")
     if out_csv.exists() and not overwrite:
         raise OutputError(f"{out_csv} exists; pass --overwrite to replace it")
-    if not 0 <= threshold <= 254:
+    if threshold is not None and not 0 <= threshold <= 254:
         raise InputError(f"threshold {threshold} is outside 0..254")
     paths = [p for p in iter_files(mask_dir, MASK_SUFFIXES) if p.parent == mask_dir]
     if not paths:
         raise InputError(f"{mask_dir}: no mask images ({', '.join(MASK_SUFFIXES)}) found")
     seen: dict[str, Path] = {}
     for path in paths:
-        check_image_id(path.stem, str(path))
-        if path.stem in seen:
-            raise InputError(f"{path}: same ImageId as {seen[path.stem]}; keep one of them")
-        seen[path.stem] = path
+        image_id = check_image_id(mask_image_id(path), str(path))
+        if image_id in seen:
+            raise InputError(f"{path}: same ImageId as {seen[image_id]}; keep one of them")
+        seen[image_id] = path
 
     def encode_one(path: Path) -> tuple[str, tuple[int, int], str]:
-        mask = read_mask_png(path, threshold)
-        return path.stem, mask.shape, rle.encode_rle(mask)
+        mask = read_mask_file(path, threshold)
+        return mask_image_id(path), mask.shape, rle.encode_rle(mask)
 
     results: list[tuple[str, tuple[int, int], str]] = []
     first: tuple[Path, tuple[int, int]] | None = None

@@ -21,7 +21,7 @@ import numpy as np
 
 from pneumo_cli.core.choices import InputNorm, check_choice, values
 from pneumo_cli.core.config import check_image_size
-from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.errors import ConfigError, shorten_reason
 from pneumo_cli.engine.precision import precision_policy
 from pneumo_cli.engine.tf import import_sm, import_tf
 from pneumo_cli.model.encoders import DEFAULT_ENCODER, available_encoders, check_encoder
@@ -94,7 +94,7 @@ def _segmentation_models_unet(encoder: str, image_size: int) -> Any:
             encoder_weights=None,
         )
     except ValueError as exc:  # e.g. inceptionv3: "Input size must be at least 75x75"
-        reason = " ".join(str(exc).split())[:160]
+        reason = shorten_reason(str(exc))
         raise ConfigError(
             f"encoder '{encoder}' cannot be built at {image_size} px ({reason}); "
             "preprocess at a larger --image-size or choose another encoder"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_cli.core.errors import InputError
+from pneumo_cli.core.errors import InputError, shorten_reason
 from pneumo_cli.engine.tf import import_sm, import_tf
 from pneumo_cli.model.build import CODE_LAYER_TYPES, INPUT_NORM_LAYER, float32_copy
 
@@ -112,7 +112,7 @@ def _read_keras_archive(path: Path) -> tuple[Any, bytes]:
                 raise InputError(f"{path}: not a model written by pneumo (huge {_KERAS_CONFIG})")
             return json.loads(archive.read(_KERAS_CONFIG)), archive.read(_KERAS_WEIGHTS)
     except (OSError, zipfile.BadZipFile, ValueError) as exc:  # ValueError: bad JSON or UTF-8
-        reason = " ".join(str(exc).split())[:160]
+        reason = shorten_reason(str(exc))
         raise InputError(f"{path}: not a readable Keras model ({reason})") from None
 
 
@@ -155,7 +155,7 @@ def load_model(path: str | os.PathLike[str]) -> Any:
             weights_path.write_bytes(weights)
             model.load_weights(weights_path)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = shorten_reason(str(exc))
         if "safe_mode" in reason:  # a form of code the scan above does not know
             raise InputError(f"{refused}: Keras safe mode found code in it") from None
         raise InputError(f"{path}: not a readable Keras model ({reason})") from None

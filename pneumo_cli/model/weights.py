@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError, shorten_reason
 from pneumo_cli.engine.tf import import_sm, import_tf
 
 # Layer names segmentation_models gives the U-Net decoder; every other layer is the encoder.
@@ -101,7 +101,7 @@ def fetch_imagenet_weights(encoder: str, notify: Callable[[str], None] | None = 
             )
     except Exception as exc:  # get_file raises bare Exception for network errors
         # get_file's message ends with the network error after " -- "; keep that part.
-        reason = " ".join(str(exc).split()).rsplit(" -- ", 1)[-1][:160]
+        reason = shorten_reason(" ".join(str(exc).split()).rsplit(" -- ", 1)[-1])
         raise ConfigError(
             f"ImageNet weights for {encoder} are not in the Keras cache and could not be "
             f"downloaded ({reason}): place {weights.file_name} (md5 {weights.md5}) from "

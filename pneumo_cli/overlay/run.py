@@ -28,49 +28,48 @@ from pneumo_cli.core.errors import ConfigError, InputError, OutputError
 from pneumo_cli.core.files import (
     atomic_write_bytes,
     atomic_write_text,
-    check_image_id,
     ensure_output_dir,
-    read_mask_png,
     remove_stale_temporaries,
 )
+from pneumo_cli.core.jobs import claim_job, file_sha256, folder_state
 from pneumo_cli.core.metrics import dice_score
 from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.io import dicom_read, rle, xrays
+from pneumo_cli.io.mask_files import find_mask_file, read_mask_file
 from pneumo_cli.overlay.render import encode_picture, format_title, render_panels
 
-# Mask files looked up in this order; JPEG masks are lossy, so only pixels > 127 count there.
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
-JPEG_MASK_THRESHOLD = 127
 REJECTED_FILE = "rejected.csv"
+JOB_FILE = ".pneumo-job.json"
+
+
+def _job_of(
+    masks_dir: Path, truth_dir: Path | None, rle_csv: Path | None, fmt: str, max_size: int | None
+) -> dict[str, object]:
+    """What decides the pictures: the mask folder and its files, the ground truth, the format."""
+    from pneumo_cli import __version__
+    from pneumo_cli.io.mask_files import MASK_SUFFIXES
+
+    return {
+        "masks": str(masks_dir.resolve()),
+        "masks_state": folder_state(masks_dir, MASK_SUFFIXES),
+        "truth": str(truth_dir.resolve()) if truth_dir else None,
+        "truth_state": folder_state(truth_dir, MASK_SUFFIXES) if truth_dir else None,
+        "rle_sha256": file_sha256(rle_csv) if rle_csv else None,
+        "format": fmt,
+        "max_size": max_size,
+        "pneumo_version": __version__,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Files: finding inputs and masks, and the batch run behind `pneumo overlay`.
 
 
-def image_id_of(path: Path) -> str:
-    """ImageId of an input file: its name without a known image extension (as
-    :func:`pneumo_cli.io.xrays.image_id_of`, so SIIM UIDs full of dots stay whole).
-
-    Raises:
-        InputError: the name is not a safe file stem.
-    """
-    return check_image_id(xrays.image_id_of(path), source=str(path))
-
-
-def find_mask_file(folder: Path, image_id: str) -> Path | None:
-    """``folder/<image_id>.png`` (or ``.jpg``/``.jpeg``), whichever exists first, else None."""
-    for suffix in MASK_SUFFIXES:
-        candidate = folder / f"{image_id}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def load_mask(path: Path, height: int, width: int) -> tuple[np.ndarray, bool]:
     """Read a mask file and bring it to the image's ``height`` x ``width``.
 
-    Any non-zero pixel is foreground (0/1 and 0/255 PNGs both work); in JPEG masks only pixels
+    Masks are read as everywhere in pneumo (:func:`pneumo_cli.io.mask_files.read_mask_file`):
+    any non-zero pixel is foreground (0/1 and 0/255 PNGs both work); in JPEG masks only pixels
     above 127, because compression smears values around edges. A mask at the image size is used
     as it is. A square mask smaller than the image is taken to be at the model's size and is
     stretched over the whole image with nearest-neighbour interpolation (without the cache's crop
@@ -83,8 +82,7 @@ def load_mask(path: Path, height: int, width: int) -> tuple[np.ndarray, bool]:
     """
     import cv2
 
-    threshold = JPEG_MASK_THRESHOLD if path.suffix.lower() in (".jpg", ".jpeg") else 0
-    mask = read_mask_png(path, threshold)
+    mask = read_mask_file(path)
     if mask.shape == (height, width):
         return mask, False
     mask_h, mask_w = mask.shape
@@ -159,13 +157,21 @@ def _check_settings(
         raise ConfigError(f"max size {max_size} px is too small; use at least 16 or leave it out")
     if truth_dir is not None and rle_csv is not None:
         raise ConfigError("give ground truth as a mask folder or an RLE CSV, not both")
-    if not masks_dir.is_dir():
-        raise InputError(
-            f"mask folder {masks_dir} does not exist; point --masks at the masks/ folder "
-            "written by `pneumo predict` (or any folder of <ImageId>.png masks)"
-        )
-    if truth_dir is not None and not truth_dir.is_dir():
-        raise InputError(f"ground-truth folder {truth_dir} does not exist")
+    hint = (
+        "point --masks at the masks/ folder written by `pneumo predict` (or any folder of "
+        "<ImageId>.png masks)"
+    )
+    _require_folder(masks_dir, "--masks", "mask folder", hint)
+    if truth_dir is not None:
+        _require_folder(truth_dir, "--truth", "ground-truth folder", "give a folder of masks")
+
+
+def _require_folder(folder: Path, option: str, what: str, hint: str) -> None:
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise InputError(f"{option} {folder} is a file, not a folder; {hint}")
+    raise InputError(f"{what} {folder} does not exist; {hint}")
 
 
 def run_overlay(
@@ -182,15 +188,18 @@ def run_overlay(
     """Write ``out_dir/<ImageId>.<fmt>`` for every input image that has a mask in ``masks_dir``.
 
     Inputs are files or folders (searched recursively) of DICOM/PNG/JPEG X-rays; the ImageId is
-    the file name without its extension. Ground truth, if given, comes from ``truth_dir``
-    (``<ImageId>.png`` masks) or ``rle_csv`` (SIIM RLE, rows of one image combined); an image
-    without ground truth gets the two-panel figure. Existing outputs are kept unless
-    ``overwrite``. An input that cannot be used (unreadable, no mask, mask of the wrong size,
-    bad RLE row, duplicate ImageId) is listed in ``out_dir/rejected.csv`` and the rest go on.
+    formed as ``preprocess`` forms it (:class:`pneumo_cli.io.dicom_read.XRayNamer`: the file
+    name without its extension, the SOPInstanceUID for DICOMDIR members such as ``IM000000``).
+    Ground truth, if given, comes from ``truth_dir`` (``<ImageId>.png`` masks) or ``rle_csv``
+    (SIIM RLE, rows of one image combined); an image without ground truth gets the two-panel
+    figure. Existing outputs are kept unless ``overwrite``. An input that cannot be used
+    (unreadable, no mask, mask of the wrong size, bad RLE row, duplicate ImageId) is listed in
+    ``out_dir/rejected.csv`` and the rest go on.
 
     Raises:
         ConfigError: bad ``fmt`` or ``max_size``, or both ``truth_dir`` and ``rle_csv``.
-        InputError: missing mask/truth folder or inputs, unreadable RLE CSV, no inputs found.
+        InputError: missing mask/truth folder or inputs, unreadable RLE CSV, no inputs found, or
+            no input could be drawn at all (the first reason is named).
         OutputError: the output folder cannot be created or written.
     """
     masks_dir = Path(masks_dir)
@@ -202,18 +211,18 @@ def run_overlay(
     inputs = [*images, masks_dir] + ([truth_dir] if truth_dir is not None else [])
     out = ensure_output_dir(out_dir, *inputs)
     remove_stale_temporaries(out)
+    job_record = _job_of(masks_dir, truth_dir, rle_csv, fmt, max_size)
+    earlier = any(out.glob(f"*.{fmt}"))
+    claim_job(
+        out, job_record, overwrite, command="overlay", file_name=JOB_FILE, earlier_outputs=earlier
+    )
     summary = OverlaySummary(out_dir=str(out))
     job = _Job(masks_dir, truth_dir, rle_csv, truth_rows, fmt, max_size)
-    seen: dict[str, Path] = {}
+    namer = dicom_read.XRayNamer()  # the ImageIds `preprocess` and `predict` give
     with stage(progress, "overlay", len(files)) as advance:
         for path in files:
             try:
-                image_id = image_id_of(path)
-                if image_id in seen:
-                    raise InputError(
-                        f"{path}: duplicate ImageId '{image_id}' (also {seen[image_id]})"
-                    )
-                seen[image_id] = path
+                image_id = namer.name(path)
                 target = out / f"{image_id}.{fmt}"
                 if target.exists() and not overwrite:
                     summary.skipped += 1
@@ -283,3 +292,9 @@ def _finish(summary: OverlaySummary, out: Path) -> None:
             rejected_path.unlink(missing_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot remove stale {rejected_path}: {exc.strerror}") from None
+    if summary.rejected and not summary.written and not summary.skipped:
+        source, reason = summary.rejected[0]
+        raise InputError(
+            f"no overlay could be drawn ({len(summary.rejected)} input(s) rejected, reasons in "
+            f"{rejected_path}); the first: {source}: {reason}"
+        )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.errors import ConfigError, shorten_reason
 from pneumo_cli.engine import tf as tf_engine
 
 # A lost worker is noticed by TensorFlow's coordination service, whose heartbeat declares a
@@ -218,7 +218,7 @@ def make_multi_worker_strategy(
     except RuntimeError as exc:
         raise ConfigError(
             f"cannot join the TF_CONFIG cluster: TensorFlow started before the multi-worker "
-            f"strategy was created ({' '.join(str(exc).split())[:160]})"
+            f"strategy was created ({shorten_reason(str(exc))})"
         ) from None
     where = "GPU" if count else "CPU"
     description = (

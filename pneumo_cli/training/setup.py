@@ -32,6 +32,8 @@ def load_training_data(config: TrainConfig) -> tuple[data_cache.CacheInfo, list,
         )
     train_records = data_cache.select_split(cache, config.train_split, need_positive=True)
     val_records = data_cache.select_split(cache, config.val_split)
+    # Before the run folder exists: a damaged cache must not leave a run of config.json alone.
+    data_cache.check_record_files(train_records + val_records, cache.image_size)
     return cache, train_records, val_records
 
 

@@ -106,7 +106,7 @@ def _fail_while_the_other_worker_writes(task: tuple) -> tuple[str, object]:
     """Stands in for preprocess' per-image task in the pool's worker processes: image a00 fails
     like a full disk as soon as the other worker is in the middle of writing a record (its
     temporary file exists, and it pauses there until the pool stops it)."""
-    item, _, cache, _ = task
+    item, _, cache = task[:3]
     records = cache / "records"
     if item.image_id == "a00":
         deadline = time.monotonic() + 60

@@ -25,7 +25,6 @@ UNSAFE_IDS = [
     "back\\slash",
     "..",
     ".hidden",
-    "-starts-with-dash",
     "a" * 201,
     "tab\there",
     "new\u2028line",
@@ -57,7 +56,7 @@ def test_rle_decode_never_writes_outside_its_folder(tmp_path: Path) -> None:
 
     refused = invoke("rle-decode", work / "labels.csv", out, "--width", 4, "--height", 4)
     assert refused.exit_code == 1
-    assert "is not a safe file name" in one_line(refused) and "10 more bad rows" in refused.stderr
+    assert "cannot be a file name" in one_line(refused) and "9 more bad rows" in refused.stderr
     assert not out.exists()
 
     kept = invoke("rle-decode", work / "labels.csv", out, "--width", 4, "--height", 4,
@@ -92,7 +91,7 @@ def test_atomic_replace_does_not_follow_a_planted_symlink(tmp_path: Path) -> Non
     assert not (out / "a.png").is_symlink() and (out / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("name", ["../up.png", "a,b.png", "line\nbreak.png", "x" * 240 + ".png"])
+@pytest.mark.parametrize("name", ["../up.png", "line\nbreak.png", "x" * 240 + ".png"])
 def test_rle_encode_refuses_unsafe_mask_names(tmp_path: Path, name: str) -> None:
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -119,7 +118,8 @@ def _raw_with_odd_names(raw: Path) -> None:
     write_dicom(raw / "uid.dcm", fake_xray(rng, 160), sop_uid="../../../escaped")
     write_dicom(raw / ("n" * 230 + ".dcm"), fake_xray(rng, 160))
     write_dicom(raw / "...dcm", fake_xray(rng, 160))  # hidden: never read
-    write_dicom(raw / "sp ace.dcm", fake_xray(rng, 160))
+    write_dicom(raw / "sp ace.dcm", fake_xray(rng, 160))  # a fine name: cached
+    write_dicom(raw / "tab\there.dcm", fake_xray(rng, 160))  # a control character: refused
     (raw / "loop").symlink_to(raw, target_is_directory=True)  # raw/loop/loop/loop/...
     (raw / "sub").mkdir()
     (raw / "sub" / "back").symlink_to(raw, target_is_directory=True)
@@ -139,10 +139,10 @@ def test_preprocess_with_odd_names_and_symlink_loops(tmp_path: Path) -> None:
     }
     assert outside == set()
     images = sorted(p.name for p in (cache / "images").iterdir())
-    assert images == ["ok.png", "uid.png"]
+    assert images == ["ok.png", "sp ace.png", "uid.png"]
     rejected = (cache / "rejected.csv").read_text()
-    assert "longer than 200 bytes" in rejected and "not a safe file name" in rejected
-    assert rejected.count("\n") == 3  # header, the long name and 'sp ace.dcm'
+    assert "longer than 200 bytes" in rejected and "contains U+0009" in rejected
+    assert rejected.count("\n") == 3  # header, the long name and 'tab\there.dcm'
 
 
 def test_overlay_with_odd_names_and_symlink_loops(tmp_path: Path) -> None:
