@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pneumo_cli"
 # The floors, bottom first: a subpackage may import only from floors below it (and itself).
 FLOORS = ["core", "engine", "io", "model", "data", "training", "inference", "overlay",
-          "evaluation", "export", "cli"]  # fmt: skip
+          "evaluation", "export", "serve", "cli"]  # fmt: skip
 
 
 def module_name(path: Path) -> str:

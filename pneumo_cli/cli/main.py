@@ -98,6 +98,7 @@ def _register_all() -> None:
     from pneumo_cli.cli.predict import predict_command
     from pneumo_cli.cli.preprocess import preprocess_command
     from pneumo_cli.cli.rle import rle_decode_command, rle_encode_command
+    from pneumo_cli.cli.serve import serve_command
     from pneumo_cli.cli.train import train_command
 
     register("rle-decode", rle_decode_command)
@@ -108,6 +109,7 @@ def _register_all() -> None:
     register("evaluate", evaluate_command)
     register("export", export_command)
     register("overlay", overlay_command)
+    register("serve", serve_command)
     register("demo-data", demo_data_command)
 
 

@@ -127,7 +127,9 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
     tf = import_tf()
     size, scaling = settings.image_size, opened.input_scaling
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8)])
+    # No autograph: the function has no tensor-dependent control flow, and autograph would write
+    # generated code into /tmp.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8)], autograph=False)
     def forward(images: Any) -> Any:
         inputs = scale_input(images[..., tf.newaxis], scaling)
         probs = tf.cast(model(inputs, training=False), tf.float32)[..., 0]
