@@ -138,3 +138,30 @@ def test_a_cache_split_with_another_seed_is_refused(tiny_run, tmp_path) -> None:
     assert older.exit_code == 1 and "seed 42 -> 7" in " ".join(older.stderr.split())
     same = invoke("evaluate", "--run", run, "--cache", tiny_run["cache"], "--out", tmp_path / "s")
     assert same.exit_code == 0, same.output
+
+
+@pytest.mark.slow
+def test_evaluate_scores_exactly_what_predict_writes(tiny_run, tmp_path) -> None:
+    """The same run, split and TTA: evaluate's per-image records (areas, max_prob, RLE) equal
+    those of `predict --cache` for every image (evaluate once rounded the maps to float16)."""
+    import csv
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run, symlinks=True)
+    evaluated = invoke("evaluate", "--run", run, "--split", "test", "--out", tmp_path / "e")
+    predicted = invoke("predict", "--run", run, "--cache", tiny_run["cache"], "--split", "test",
+                       "--out", tmp_path / "p")  # fmt: skip
+    assert evaluated.exit_code == 0 and predicted.exit_code == 0, (evaluated.output, predicted)
+
+    def rows(path):
+        with open(path, newline="") as handle:
+            return {row["ImageId"]: row for row in csv.DictReader(handle)}
+
+    scored, written = (
+        rows(tmp_path / "e" / "predictions.csv"),
+        rows(tmp_path / "p" / "predictions.csv"),
+    )
+    labelled = {r["ImageId"] for r in rows(tmp_path / "e" / "per_image.csv").values()}
+    assert labelled and set(scored) == labelled <= set(written)
+    assert {i: written[i] for i in labelled} == scored

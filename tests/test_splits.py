@@ -105,3 +105,18 @@ def test_new_image_of_a_known_patient_joins_that_patients_split() -> None:
     extra = SplitItem("late", patient_in_test.group, 0)
     after = assign_splits([*old, extra], previous=before)
     assert after["late"].split == "test"
+
+
+def test_the_split_does_not_depend_on_the_patient_key_secret() -> None:
+    """Patient keys are HMACs under an installation's secret: another secret renames every
+    group but groups the same images, and must give the same split."""
+    import hashlib
+
+    items = [SplitItem(f"img{i:03d}", f"p{i // 3}", i % 4 == 0) for i in range(90)]
+
+    def renamed(item: SplitItem) -> SplitItem:
+        return SplitItem(item.image_id, hashlib.sha256(item.group.encode()).hexdigest(), item.label)
+
+    first = assign_splits(items, seed=5, folds=3)
+    assert assign_splits([renamed(i) for i in items], seed=5, folds=3) == first
+    assert assign_splits(items, seed=6, folds=3) != first  # the seed still decides

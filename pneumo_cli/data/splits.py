@@ -75,7 +75,10 @@ def _fill(
         if key in fixed:
             result[key] = fixed[key]
             counts[fixed[key]] += len(ids)
-    for key in sorted((k for k in groups if k not in fixed), key=lambda k: _order_key(seed, k)):
+    # Groups are ordered by their first ImageId, not by their key: a patient key is an HMAC under
+    # an installation's secret, and the same data and seed must give the same split everywhere.
+    free = (k for k in groups if k not in fixed)
+    for key in sorted(free, key=lambda k: (_order_key(seed, min(groups[k])), k)):
         targets = zip(names, fractions, strict=True)
         deficits = [fraction * total - counts[name] for name, fraction in targets]
         # max() keeps the first of equal deficits, i.e. the order of `names`.

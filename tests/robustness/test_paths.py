@@ -64,7 +64,7 @@ def test_rle_decode_never_writes_outside_its_folder(tmp_path: Path) -> None:
     assert kept.exit_code == 0, kept.output
     assert all_files(tmp_path) == {
         "work/labels.csv", "work/out/good.png", f"work/out/{'b' * 200}.png",
-        "work/out/rejected.csv",
+        "work/out/rejected.csv", "work/out/.pneumo-job.json",
     }  # fmt: skip
     assert (out / "rejected.csv").read_text().count("\n") == 1 + len(UNSAFE_IDS)
 
@@ -156,7 +156,9 @@ def test_overlay_with_odd_names_and_symlink_loops(tmp_path: Path) -> None:
     with time_limit(60):
         result = invoke("overlay", raw, "--masks", masks, "--out", out, "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["ok.png", "rejected.csv", "uid.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".pneumo-job.json", "ok.png", "rejected.csv", "uid.png",
+    ]  # fmt: skip
 
 
 def test_rle_encode_with_a_symlink_loop(tmp_path: Path) -> None:
