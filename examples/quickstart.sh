@@ -58,8 +58,10 @@ import json
 m = json.load(open("test-metrics.json"))
 print()
 print("pneumo quickstart finished (synthetic data; these numbers say nothing about real X-rays)")
-print(f"  test mean Dice (SIIM, empty vs empty = 1): {m['mean_dice']:.3f}")
-print(f"  test Dice on positive images only:         {m['positive_mean_dice']:.3f}")
+def shown(value):  # null when the split has no image of that kind (a tiny demo)
+    return "n/a" if value is None else f"{value:.3f}"
+print(f"  test mean Dice (SIIM, empty vs empty = 1): {shown(m['mean_dice'])}")
+print(f"  test Dice on positive images only:         {shown(m['positive_mean_dice'])}")
 print(f"  test images: {m['n_images']} ({m['n_positive']} with pneumothorax)")
 PY
 cat <<EOF
