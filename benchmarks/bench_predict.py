@@ -57,14 +57,25 @@ def build_run(root: Path, encoder: str, size: int) -> Path:
 
 
 def real_inputs(folder: Path, copies: int) -> list[Path]:
+    """``copies`` copies of each real DICOM (3 training files and the 5 broken-header stage-2
+    ones), each copy with its own SOP Instance UID (predict treats a repeated UID as a duplicate)
+    and otherwise the same header and the same compressed pixels."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
     sources = sorted((SIIM / "dicom-images-train").rglob("*.dcm"))
     sources += sorted((SIIM / "dicom-odd").glob("stage2_*.dcm"))
     folder.mkdir(parents=True)
     paths = []
     for index, source in enumerate(sources):
         for copy in range(copies):
+            ds = pydicom.dcmread(source)
+            uid = generate_uid()
+            broken = str(ds.SOPInstanceUID).startswith("ID_")  # keep the stage-2 files broken
+            ds.SOPInstanceUID = f"{ds.SOPInstanceUID}_{copy}" if broken else uid
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
             target = folder / f"img{index:02d}_{copy:03d}.dcm"
-            shutil.copy(source, target)
+            ds.save_as(target)
             paths.append(target)
     return paths
 
