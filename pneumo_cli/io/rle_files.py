@@ -144,17 +144,7 @@ def decode_csv(
     claim_job(
         folder, job, overwrite, command="rle-decode", file_name=JOB_FILE, earlier_outputs=earlier
     )
-    summary = DecodeSummary(rows=len(rows), out_dir=str(folder), rejections=rejections)
-    summary.rejected_rows = len(rejections)
-    summary.rejected_images = len({r.image_id for r in rejections})
-    summary.images = len(groups)
-    for group in groups.values():
-        if any(r.encoded not in ("", rle.EMPTY) for r in group):
-            summary.positive += 1
-        if len(group) > 1:
-            summary.images_with_several_rows += 1
-            summary.rows_merged += len(group)
-    summary.empty = summary.images - summary.positive
+    summary = _counted(DecodeSummary(rows=len(rows), out_dir=str(folder)), groups, rejections)
 
     def write_one(item: tuple[str, list[rle.RleRow]]) -> bool:
         image_id, group = item
@@ -178,6 +168,24 @@ def decode_csv(
             advance(1)
     if skip_invalid:
         write_rejections(folder / REJECTED_FILE, rejections)
+    return summary
+
+
+def _counted(
+    summary: DecodeSummary, groups: dict[str, list[rle.RleRow]], rejections: list[Rejection]
+) -> DecodeSummary:
+    """``summary`` with the counts of images, positives, merged rows and rejections."""
+    summary.rejections = rejections
+    summary.rejected_rows = len(rejections)
+    summary.rejected_images = len({r.image_id for r in rejections})
+    summary.images = len(groups)
+    for group in groups.values():
+        if any(r.encoded not in ("", rle.EMPTY) for r in group):
+            summary.positive += 1
+        if len(group) > 1:
+            summary.images_with_several_rows += 1
+            summary.rows_merged += len(group)
+    summary.empty = summary.images - summary.positive
     return summary
 
 
