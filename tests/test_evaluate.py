@@ -261,15 +261,20 @@ def run_chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.Complet
     )
 
 
+def two_image_report(tmp_path: Path) -> Path:
+    """The evaluation folder (report.html and its plots) of one negative and one positive image."""
+    empty = np.zeros((4, 4), np.uint8)
+    full = np.ones((4, 4), np.uint8)
+    out = tmp_path / "eval"
+    write_evaluation(score_masks([("neg", empty, empty, 0.2), ("pos", full, full, 0.6)]), out)
+    return out
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
     browser = chromium_or_skip()
     import cv2
 
-    empty = np.zeros((4, 4), np.uint8)
-    full = np.ones((4, 4), np.uint8)
-    evaluation = score_masks([("neg", empty, empty, 0.2), ("pos", full, full, 0.6)])
-    out = tmp_path / "eval"
-    write_evaluation(evaluation, out)
+    out = two_image_report(tmp_path)
     shot = tmp_path / "shot.png"
     run_chromium(browser, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600",
                  (out / "report.html").as_uri())  # fmt: skip
@@ -287,11 +292,7 @@ def test_every_image_the_report_references_loads_in_chromium(tmp_path):
     import re
 
     browser = chromium_or_skip()
-    empty = np.zeros((4, 4), np.uint8)
-    full = np.ones((4, 4), np.uint8)
-    evaluation = score_masks([("neg", empty, empty, 0.2), ("pos", full, full, 0.6)])
-    out = tmp_path / "eval"
-    write_evaluation(evaluation, out)
+    out = two_image_report(tmp_path)
     images = re.findall(r"<img [^>]*>", (out / "report.html").read_text())
     assert len(images) >= 3
     probe = out / "probe.html"

@@ -327,27 +327,20 @@ def read_text_input(path: str | os.PathLike[str], limit: int = MAX_TEXT_BYTES) -
             names the limit).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            packed = handle.read(2) == _GZIP_MAGIC
-            size = os.fstat(handle.fileno()).st_size
-            if not packed:
-                if size > limit:
-                    raise InputError(_too_large(path, limit, packed))
-                handle.seek(0)
-                return handle.read()
-            handle.seek(-4, os.SEEK_END)  # ISIZE: the uncompressed size mod 2**32
-            if size < 20 or int.from_bytes(handle.read(4), "little") > limit:
-                handle.seek(0)
-                _inflate(path, handle, limit, keep=False)  # refuses a bomb, or corrupt data
+    with _input_errors(path), open(path, "rb") as handle:
+        packed = handle.read(2) == _GZIP_MAGIC
+        size = os.fstat(handle.fileno()).st_size
+        if not packed:
+            if size > limit:
+                raise InputError(_too_large(path, limit, packed))
             handle.seek(0)
-            return _inflate(path, handle, limit, keep=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, a file was expected") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {describe_os_error(exc)}") from None
+            return handle.read()
+        handle.seek(-4, os.SEEK_END)  # ISIZE: the uncompressed size mod 2**32
+        if size < 20 or int.from_bytes(handle.read(4), "little") > limit:
+            handle.seek(0)
+            _inflate(path, handle, limit, keep=False)  # refuses a bomb, or corrupt data
+        handle.seek(0)
+        return _inflate(path, handle, limit, keep=True)
 
 
 def _inflate(path: Path, handle: Any, limit: int, keep: bool) -> bytes:
@@ -381,8 +374,15 @@ def _too_large(path: Path, limit: int, packed: bool) -> str:
 
 def read_input_bytes(path: str | os.PathLike[str]) -> bytes:
     """Read a whole input file, turning OS errors into one-line :class:`InputError`."""
-    try:
+    with _input_errors(path):
         return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def _input_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """OS errors while reading the input ``path`` as one-line :class:`InputError`."""
+    try:
+        yield
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:

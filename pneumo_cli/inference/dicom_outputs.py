@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import threading
 from pathlib import Path
@@ -135,13 +136,23 @@ def _read_series(path: Path, cls: type) -> Any:
 
 def model_file_sha256(predictor: Any) -> str:
     """SHA-256 of the file a predictor's network came from: a run's best.keras, or an export's
-    model file (its manifest for a SavedModel folder); "" when there is none to hash."""
+    model file (its manifest for a SavedModel folder); "" when there is none to hash. A file
+    unchanged since it was last hashed (same size and modification time) is not read again:
+    predict's job record and the SEG's algorithm source both ask for it."""
     path = Path(predictor.source)
     info = getattr(predictor, "info", None)  # an exported model's manifest
     model = path / "best.keras" if info is None else Path(info.model_path)
     if info is not None and model.is_dir():
         model = path / "pneumo-model.json"
-    return file_sha256(model) if model.is_file() else ""
+    if not model.is_file():
+        return ""
+    stat = model.stat()
+    return _hashed(str(model.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hashed(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def algorithm_source(predictor: Any) -> str:
