@@ -48,7 +48,7 @@ from bench_predict import build_run  # noqa: E402  (same folder; run as a script
 def calibrate_batchnorm(run_dir: Path, size: int) -> None:
     """Give ``best.keras``'s BatchNorm layers the statistics of 8 synthetic X-rays."""
     from pneumo_cli.engine.tf import import_tf
-    from pneumo_cli.export.parity import synthetic_images
+    from pneumo_cli.inference.run_images import synthetic_images
     from pneumo_cli.model.encoders import scale_input
     from pneumo_cli.model.saving import load_model, save_model
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pneumo_cli.cli.main import app
-from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.errors import ConfigError, UsageError
 from pneumo_cli.data import cache as data_cache
 from pneumo_cli.data import pipeline as data_pipeline
 from pneumo_cli.engine import precision as precisions
@@ -109,22 +109,26 @@ def test_auto_precision_choices(tmp_path: Path) -> None:
     assert choose("auto", on_gpu=False, cpu_flags=[]) == (
         "fp32", "auto: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16)"
     )  # fmt: skip
-    slower = choose("auto", on_gpu=False, cpu_flags=["avx512_bf16"], bf16_faster_on_cpu=False)
-    assert slower[0] == "fp32" and "not known to be as accurate and faster" in slower[1]
-    faster = choose("auto", on_gpu=False, cpu_flags=["amx_bf16"], bf16_faster_on_cpu=True)
-    assert faster[0] == "bf16" and faster[1].startswith(
-        "auto: the CPU has amx_bf16; bf16 trains faster"
-    )
+    # Detected, not assumed: any CPU reporting bfloat16 instructions gets bf16.
+    for flags in (["avx512_bf16"], ["amx_bf16"]):
+        chosen = choose("auto", on_gpu=False, cpu_flags=flags)
+        assert chosen == ("bf16", f"auto: the CPU has {flags[0]} (native bfloat16 arithmetic)")
     assert choose("bf16", on_gpu=False) == ("bf16", "asked for with --precision")
-    with pytest.raises(ConfigError, match="--precision fp16 needs an NVIDIA GPU"):
+    with pytest.raises(UsageError, match="--precision fp16 needs an NVIDIA GPU to train on"):
         choose("fp16", on_gpu=False)
+    with pytest.raises(UsageError, match="fp16 needs an NVIDIA GPU to predict on"):
+        choose("fp16", on_gpu=False, purpose="predict")
     with pytest.raises(
         ConfigError, match="--precision 'fp8': choose one of: auto, fp32, bf16, fp16"
     ):
         choose("fp8", on_gpu=False)
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) X\nflags\t\t: fpu avx512f amx_bf16 "
+        "avx512_bf16\n\nprocessor\t: 1\nmodel name\t: other\n"
+    )
     assert precisions.cpu_bf16_flags(cpuinfo) == ["avx512_bf16", "amx_bf16"]
+    assert precisions.cpu_model(cpuinfo) == "Intel(R) Xeon(R) X"
     cpuinfo.write_text("flags\t: fpu avx2\n")
     assert precisions.cpu_bf16_flags(cpuinfo) == []
     assert precisions.cpu_bf16_flags(tmp_path / "absent") == []
@@ -155,7 +159,8 @@ def test_bad_multi_worker_and_precision_input_exits_1_with_one_line(
     ]  # fmt: skip
     for env, extra, message in cases:
         result = runner.invoke(app, [*base, *extra], env=env)
-        assert result.exit_code == 1, (extra, result.output)
+        usage = extra == ["--precision", "fp16"]  # an option this machine cannot honour
+        assert result.exit_code == (2 if usage else 1), (extra, result.output)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
         assert "Traceback" not in result.stderr

@@ -503,6 +503,8 @@ def test_logs_are_json_lines_without_patient_names_or_ids(
     assert {"listening", "ready", "done", "association-rejected"} <= {
         line["event"] for line in events
     }
+    (ready,) = node.events("ready")  # the precision is resolved (and said) as predict does it
+    assert ready["precision"] in ("fp32", "bf16") and ready["precision_reason"]
 
 
 # --- processes: kill -9, SIGTERM, port in use --------------------------------------------------

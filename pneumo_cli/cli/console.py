@@ -52,6 +52,15 @@ def print_note(message: str) -> None:
     stderr_console().print(escape(message), highlight=False)
 
 
+def print_notes(notes: list[tuple[str, str]], quiet: bool) -> None:
+    """Print a library's ``(kind, text)`` notes: warnings always, notes unless ``quiet``."""
+    for kind, text in notes:
+        if kind == "warning":
+            print_warning(text)
+        elif not quiet:
+            print_note(f"note: {' '.join(str(text).split())}")
+
+
 def bars_enabled(quiet: bool) -> bool:
     """Progress bars show only on an interactive stderr and without ``--quiet``."""
     return not quiet and sys.stderr.isatty()

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from pneumo_cli.cli.options import Json, Quiet
-from pneumo_cli.core.choices import Resolution, Split, Tta
+from pneumo_cli.cli.options import InferenceEngine, InferencePrecision, Json, Quiet
+from pneumo_cli.core.choices import Engine, Precision, Resolution, Split, Tta
 
 
 def default_out_dir(predictions: Path) -> Path:
@@ -62,6 +62,8 @@ def evaluate_command(
     tta: Annotated[
         Tta, typer.Option("--tta", help="Model mode: test-time augmentation.")
     ] = Tta.none,
+    precision: InferencePrecision = Precision.auto,
+    engine: InferenceEngine = Engine.auto,
     tune: Annotated[
         bool,
         typer.Option(
@@ -97,6 +99,8 @@ def evaluate_command(
             "--cache": cache is not None,
             "--split": split is not None,
             "--tta": tta is not Tta.none,
+            "--precision": precision is not Precision.auto,
+            "--engine": engine is not Engine.auto,
             "--tune": tune,
             "--at": at is not Resolution.original,
         }
@@ -113,7 +117,9 @@ def evaluate_command(
             )
         _evaluate_offline(predictions, truth, allow_missing, height, width, out, json_output, quiet)
     else:
-        _evaluate_model(run, cache, split, tta, tune, at, out, json_output, quiet)
+        _evaluate_model(
+            run, cache, split, tta, (precision, engine), tune, at, out, json_output, quiet
+        )
 
 
 def _evaluate_offline(
@@ -149,14 +155,14 @@ def _evaluate_model(
     cache: Path | None,
     split: Split | None,
     tta: Tta,
+    precision: tuple[Precision, Engine],
     tune: bool,
     at: Resolution,
     out: Path | None,
     json_output: bool,
     quiet: bool,
 ) -> None:
-
-    from pneumo_cli.cli.console import print_note, progress_factory
+    from pneumo_cli.cli.console import print_note, print_notes, progress_factory
     from pneumo_cli.evaluation.model_eval import evaluate_run
 
     result = evaluate_run(
@@ -164,11 +170,14 @@ def _evaluate_model(
         cache=cache,
         split=split.value if split is not None else None,
         tta=tta.value,
+        precision=precision[0].value,
+        engine=precision[1].value,
         tune=tune,
         at=at.value,
         out_dir=out,
         progress=progress_factory(quiet),
     )
+    print_notes(result.notes, quiet)
     if result.tuned and not json_output:
         _render_tuning(result.tuned)
     _render(result.evaluation.metrics, json_output)

@@ -9,7 +9,7 @@ import typer
 
 from pneumo_cli.cli.options import Json, Overwrite, Quiet, plain
 from pneumo_cli.cli.render import print_summary
-from pneumo_cli.core.choices import ExportFormat, Quantization
+from pneumo_cli.core.choices import ExportFormat, Precision, Quantization
 
 
 def export_command(
@@ -35,6 +35,15 @@ def export_command(
             "cache's training images).",
         ),
     ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="Compute precision of the exported graph: auto (= fp32, which runs on every "
+            "machine) or fp32 for every format; bf16 for --format savedmodel only (checked on "
+            ">= 99.9% of mask pixels); fp16 and other combinations are usage errors.",
+        ),
+    ] = Precision.auto,
     overwrite: Overwrite = False,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -59,6 +68,7 @@ def export_command(
         fmt.value,
         out,
         quantize=plain(quantize),
+        precision=precision.value,
         overwrite=overwrite,
         notify=None if quiet else print_note,
     )

@@ -17,7 +17,7 @@ import typer
 
 from pneumo_cli import __version__
 from pneumo_cli.cli.console import print_error
-from pneumo_cli.core.errors import PneumoError
+from pneumo_cli.core.errors import PneumoError, UsageError
 
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 EXIT_CODES_HELP = "Exit codes: 0 success, 1 bad input or data, 2 usage error."
@@ -44,7 +44,7 @@ def error_boundary(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except PneumoError as exc:
             print_error(str(exc))
-            raise typer.Exit(code=1) from None
+            raise typer.Exit(code=2 if isinstance(exc, UsageError) else 1) from None
         except OSError as exc:
             # Safety net for the machine's own failures (disk full, read-only or forbidden
             # folder) at a write that library code did not wrap; other OS errors stay bugs.
@@ -95,7 +95,7 @@ def _register_all() -> None:
     from pneumo_cli.cli.evaluate import evaluate_command
     from pneumo_cli.cli.export import export_command
     from pneumo_cli.cli.overlay import overlay_command
-    from pneumo_cli.cli.predict import predict_command
+    from pneumo_cli.cli.predict import merge_predictions_command, predict_command
     from pneumo_cli.cli.preprocess import preprocess_command
     from pneumo_cli.cli.rle import rle_decode_command, rle_encode_command
     from pneumo_cli.cli.serve import serve_command
@@ -106,6 +106,7 @@ def _register_all() -> None:
     register("preprocess", preprocess_command)
     register("train", train_command)
     register("predict", predict_command)
+    register("merge-predictions", merge_predictions_command)
     register("evaluate", evaluate_command)
     register("export", export_command)
     register("overlay", overlay_command)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pneumo_cli.core.choices import Engine, Precision
 from pneumo_cli.core.errors import ConfigError
 
 V = TypeVar("V")
@@ -23,6 +24,30 @@ Overwrite = Annotated[
 Workers = Annotated[
     int | None,
     typer.Option("--workers", "-j", min=1, help="Parallel workers (default: all CPU cores)."),
+]
+
+
+InferencePrecision = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="Compute precision of the network: auto (default) takes bf16 on a CPU with "
+        "bfloat16 instructions (avx512_bf16/amx_bf16) or fp16 on an NVIDIA GPU when its masks "
+        "match float32's for this run (checked once per run and machine kind, cached in "
+        "RUN/precision-parity.json), else fp32. An explicit bf16/fp16 runs as asked and warns "
+        "if the check fails; fp16 without a GPU is a usage error.",
+    ),
+]
+
+
+InferenceEngine = Annotated[
+    Engine,
+    typer.Option(
+        "--engine",
+        help="What runs the network: auto (default) times OpenVINO and Keras beside float32 "
+        "Keras in the precision check and takes the fastest that matches; keras or openvino "
+        "(CPU only) as asked.",
+    ),
 ]
 
 

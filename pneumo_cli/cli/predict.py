@@ -7,9 +7,24 @@ from typing import Annotated
 
 import typer
 
-from pneumo_cli.cli.options import Json, Overwrite, Quiet, Workers
+from pneumo_cli.cli.options import (
+    InferenceEngine,
+    InferencePrecision,
+    Json,
+    Overwrite,
+    Quiet,
+    Workers,
+    checked_by,
+)
 from pneumo_cli.cli.render import print_summary
-from pneumo_cli.core.choices import Split, Tta
+from pneumo_cli.core.choices import Engine, Precision, Split, Tta
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    from pneumo_cli.inference.shards import parse_shard
+
+    return parse_shard(text)
+
 
 RunOption = Annotated[
     Path | None,
@@ -73,6 +88,20 @@ def predict_command(
     ] = None,
     split: Annotated[Split, typer.Option("--split", help="With --cache: the split.")] = Split.test,
     tta: TtaOption = Tta.none,
+    precision: InferencePrecision = Precision.auto,
+    engine: InferenceEngine = Engine.auto,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N",
+            callback=checked_by(_parse_shard),
+            help="Predict only part K of N (1 <= K <= N) of the inputs, chosen by a hash of "
+            "each ImageId: N machines (a Slurm job array, a Kubernetes indexed Job) each run one "
+            "part into its own folder; `pneumo merge-predictions PART... --out OUT` then gives "
+            "the same files as one run over all inputs.",
+        ),
+    ] = None,
     top_threshold: TopThreshold = None,
     min_area: MinArea = None,
     bottom_threshold: BottomThreshold = None,
@@ -110,7 +139,7 @@ def predict_command(
     unless --overwrite.
     """
 
-    from pneumo_cli.cli.console import print_warning, progress_factory
+    from pneumo_cli.cli.console import print_notes, print_warning, progress_factory
     from pneumo_cli.inference.predict import predict_inputs
 
     if bool(inputs) == (cache is not None):
@@ -129,6 +158,9 @@ def predict_command(
         cache=cache,
         split=split.value,
         tta=tta.value,
+        precision=precision.value,
+        engine=engine.value,
+        shard=_parse_shard(shard) if shard else None,
         gate_overrides={
             "top_threshold": top_threshold,
             "min_area_px": min_area,
@@ -142,6 +174,7 @@ def predict_command(
         workers=workers,
         progress=progress_factory(quiet),
     )
+    print_notes(summary.notes, quiet)
     if summary.rejected:
         print_warning(f"{summary.rejected} input(s) rejected; reasons in {out / 'rejected.csv'}")
     if not quiet:
@@ -161,3 +194,32 @@ def _dicom_seg_notes(counts: dict[str, int], out: Path) -> None:
             f"a valid one; masks and CSV rows are written); reasons in "
             f"{out / 'dicom-seg' / 'rejected.csv'}"
         )
+
+
+def merge_predictions_command(
+    parts: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PART...",
+            help="The output folders of `pneumo predict --shard 1/N` ... `--shard N/N`.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New output folder.")] = Path(
+        "predictions"
+    ),
+    as_json: Json = False,
+) -> None:
+    """Join the N parts of a sharded `pneumo predict` into one output folder.
+
+    Every part must be a finished output of the same job (same model, gate, TTA, precision,
+    preprocessing and pneumo version) and parts 1..N must all be there, each once. OUT then
+    holds exactly the files one `pneumo predict` over all inputs writes, byte for byte:
+    masks/, probs/ and records/ copied, predictions.csv, submission.csv and rejected.csv
+    written from the records, job.json without the shard. OUT must be new or empty; it appears
+    only when complete.
+    """
+    from pneumo_cli.inference.shards import merge_parts
+
+    summary = merge_parts(parts, out)
+    print_summary("pneumo merge-predictions", summary.to_dict(), as_json)

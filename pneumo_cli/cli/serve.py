@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pneumo_cli.cli.options import checked_by
+from pneumo_cli.cli.options import InferenceEngine, InferencePrecision, checked_by
 from pneumo_cli.cli.predict import (
     BottomThreshold,
     MinArea,
@@ -25,7 +25,7 @@ from pneumo_cli.cli.predict import (
     TtaOption,
 )
 from pneumo_cli.cli.render import print_summary
-from pneumo_cli.core.choices import Tta
+from pneumo_cli.core.choices import Engine, Precision, Tta
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.serve.settings import (
     DEFAULT_AET,
@@ -78,6 +78,8 @@ def serve_command(
     run: RunOption = None,
     model: ModelOption = None,
     tta: TtaOption = Tta.none,
+    precision: InferencePrecision = Precision.auto,
+    engine: InferenceEngine = Engine.auto,
     top_threshold: TopThreshold = None,
     min_area: MinArea = None,
     bottom_threshold: BottomThreshold = None,
@@ -176,8 +178,9 @@ def serve_command(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
     try:
         summary = serve(
-            settings, run=run, model=model, tta=tta.value, log=LogLines(as_json), stop=stop
-        )
+            settings, run=run, model=model, tta=tta.value, precision=precision.value,
+            engine=engine.value, log=LogLines(as_json), stop=stop,
+        )  # fmt: skip
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

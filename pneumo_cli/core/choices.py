@@ -51,6 +51,14 @@ class InputNorm(StrEnum):
     trainable = "trainable"
 
 
+class Engine(StrEnum):
+    """Inference engine of a run's network: ``auto`` picks the fastest that matches float32."""
+
+    auto = "auto"
+    keras = "keras"
+    openvino = "openvino"
+
+
 class ExportFormat(StrEnum):
     """Deployable model formats of ``pneumo export``."""
 

@@ -32,6 +32,11 @@ class ConfigError(PneumoError):
     """A setting is invalid, or a run/cache was written with settings that do not fit."""
 
 
+class UsageError(ConfigError):
+    """An option value this machine or command cannot honour (exit code 2, like Typer's usage
+    errors), found only once the library looks (``--precision fp16`` without a GPU)."""
+
+
 _OPENERS, _CLOSERS = "([{", ")]}"
 
 

@@ -64,24 +64,46 @@ def clear_session() -> None:
     _set_precision(before)
 
 
-# `auto` picks bf16 for training on a CPU with bfloat16 instructions because the full-size
-# parity benchmark (benchmarks/bench_precision.py --parity; its numbers and CPU are in the
-# README) found bf16 training as accurate as fp32 and faster on such CPUs.
-BF16_FASTER_ON_CPU = True
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo(cpuinfo: str | os.PathLike[str]) -> tuple[str, set[str]]:
+    """The first CPU's model name ('' when unknown) and every flag the kernel lists."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "", set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags.update(value.split())
+    return model, flags
 
 
 def cpu_bf16_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> list[str]:
     """The bfloat16 instruction-set flags this CPU reports (empty when none or unknown)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    flags = _cpuinfo(cpuinfo)[1]
     return [flag for flag in _BF16_CPU_FLAGS if flag in flags]
+
+
+def cpu_model(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the kernel reports it, else the platform's machine name."""
+    import platform
+
+    return _cpuinfo(cpuinfo)[0] or platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    """The names of the GPUs TensorFlow can use here (empty on a CPU-only machine)."""
+    tf = import_tf()
+    names = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        names.append(str(details.get("device_name", device.name)))
+    return names
 
 
 def choose_precision(
@@ -89,37 +111,36 @@ def choose_precision(
     on_gpu: bool,
     gpu_names: list[str] | None = None,
     cpu_flags: list[str] | None = None,
-    bf16_faster_on_cpu: bool = BF16_FASTER_ON_CPU,
+    purpose: str = "train",
 ) -> tuple[str, str]:
-    """Resolve ``--precision`` for the devices a run trains on. Returns (precision, reason).
+    """Resolve ``--precision`` for the devices a run trains (or predicts) on: (precision, reason).
 
-    ``auto`` is fp16 (with loss scaling) on NVIDIA GPUs, where tensor cores make it the fast
-    choice; on CPUs it is bf16 only when the CPU has bfloat16 instructions AND the benchmark
-    showed bf16 faster there (``bf16_faster_on_cpu``), else fp32.
+    ``auto`` is fp16 on NVIDIA GPUs (tensor cores; loss scaling in training), bf16 on a CPU
+    that reports bfloat16 instructions (avx512_bf16 or amx_bf16: oneDNN then runs bf16
+    convolutions natively), else fp32. Inference checks the choice against float32 before
+    using it (:mod:`pneumo_cli.inference.precision_parity`); ``benchmarks/bench_precision.py``
+    and ``benchmarks/bench_predict.py`` measure what it gains on the machine at hand.
 
     Raises:
-        ConfigError: unknown precision; fp16 without a GPU to train on.
+        UsageError: unknown precision; fp16 without a GPU.
     """
-    check_choice(Precision, requested, "--precision")
+    from pneumo_cli.core.errors import UsageError
+
+    try:
+        check_choice(Precision, requested, "--precision")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     device = ", ".join(gpu_names or []) or "GPU"
     if requested == "fp16" and not on_gpu:
-        raise ConfigError(
-            "--precision fp16 needs an NVIDIA GPU to train on and this run uses the CPU; "
-            "use --precision bf16 or fp32"
+        raise UsageError(
+            f"--precision fp16 needs an NVIDIA GPU to {purpose} on and this machine has none "
+            "(float16 has no fast CPU kernels); use --precision bf16 or fp32"
         )
     if requested != "auto":
         return requested, "asked for with --precision"
     if on_gpu:
-        return "fp16", f"auto: mixed float16 with loss scaling on {device}"
+        return "fp16", f"auto: mixed float16 on {device}"
     flags = cpu_flags if cpu_flags is not None else cpu_bf16_flags()
     if not flags:
         return "fp32", "auto: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16)"
-    if not bf16_faster_on_cpu:
-        return "fp32", (
-            f"auto: the CPU has {'/'.join(flags)}, but bf16 is not known to be as accurate and "
-            "faster on it; use --precision bf16 to choose it"
-        )
-    return "bf16", (
-        f"auto: the CPU has {'/'.join(flags)}; bf16 trains faster than fp32 there and as "
-        "accurately (benchmarks/bench_precision.py)"
-    )
+    return "bf16", f"auto: the CPU has {'/'.join(flags)} (native bfloat16 arithmetic)"

@@ -49,6 +49,7 @@ class RunEvaluation:
     tuned: list[Any]
     gate: Gate
     run_dir: Path
+    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # for stderr
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def evaluate_run(
     cache: str | os.PathLike[str] | None = None,
     split: str | None = None,
     tta: str = "none",
+    precision: str = "auto",
+    engine: str = "auto",
     tune: bool = False,
     at: str = "original",
     out_dir: str | os.PathLike[str] | None = None,
@@ -145,7 +148,10 @@ def evaluate_run(
 ) -> RunEvaluation:
     """Score a run on one split of its cache (see the module docstring).
 
-    Progress is reported per stage (:mod:`pneumo_cli.core.progress`).
+    ``precision`` and ``engine`` are resolved as `pneumo predict` resolves them
+    (:func:`~pneumo_cli.inference.predictor.load_predictor`), so the maps scored are those
+    predict writes in the same precision; metrics.json records it. Progress is reported per
+    stage (:mod:`pneumo_cli.core.progress`).
 
     Raises:
         ConfigError: tuning on anything but val, unknown split or resolution, a cache made with
@@ -156,7 +162,9 @@ def evaluate_run(
     from pneumo_cli.evaluation.scoring import score_counts, write_evaluation
     from pneumo_cli.inference.outputs import write_predictions
 
-    job = _open_job(run, cache, split or Split.val.value, tta, tune, at, out_dir)
+    job = _open_job(
+        run, cache, split or Split.val.value, tta, (precision, engine), tune, at, out_dir
+    )
     workers = workers or os.cpu_count() or 1
     with stage(progress, f"predicting {job.split}", len(job.labelled)) as advance:
         scored = _predict_split(job.predictor, job.labelled, job.load, batch_size, workers, advance)
@@ -176,7 +184,8 @@ def evaluate_run(
     if records:
         write_predictions(job.out, sorted(records, key=lambda r: r["ImageId"]))
     written = write_evaluation(evaluation, job.out, panels, inputs=[job.cache_dir])
-    return RunEvaluation(evaluation, written, job.out, tuned, gate, job.run_dir)
+    notes = list(job.predictor.notes)
+    return RunEvaluation(evaluation, written, job.out, tuned, gate, job.run_dir, notes)
 
 
 def _open_job(
@@ -184,6 +193,7 @@ def _open_job(
     cache: str | os.PathLike[str] | None,
     split: str,
     tta: str,
+    precision: tuple[str, str],
     tune: bool,
     at: str,
     out_dir: str | os.PathLike[str] | None,
@@ -203,7 +213,7 @@ def _open_job(
             f"--tune on the {split} split is refused: tune the gate on val, then score test once"
         )
     run_dir = resolve_run(run)
-    predictor = load_predictor(run_dir, tta)
+    predictor = load_predictor(run_dir, tta, precision[0], engine=precision[1])
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
     sources, load = cache_sources(cache_dir, split)
@@ -287,6 +297,12 @@ def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str,
             "width": size if job.at == Resolution.model else None,
         },
         "tta": tta,
+        # How the network ran ("precision" alone is the positive predictive value here).
+        "inference": {
+            "precision": job.predictor.precision,
+            "engine": job.predictor.engine,
+            "reason": job.predictor.precision_reason,
+        },
         "run": str(job.run_dir),
         "cache": str(job.cache_dir),
         "image_size": size,

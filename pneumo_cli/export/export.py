@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pneumo_cli import __version__
-from pneumo_cli.core.choices import ExportFormat, Quantization, check_choice
+from pneumo_cli.core.choices import ExportFormat, Precision, Quantization, check_choice
 from pneumo_cli.core.config import to_dict
-from pneumo_cli.core.errors import ConfigError, OutputError, PneumoError
+from pneumo_cli.core.errors import ConfigError, OutputError, PneumoError, UsageError
 from pneumo_cli.core.files import TEMP_PREFIX, atomic_write_json, describe_os_error
 from pneumo_cli.export.parity import (
     PARITY_ORIGINAL_HW,
@@ -64,6 +64,7 @@ class ExportSummary:
     parity: Parity
     calibration: str | None = None
     seconds: float = 0.0
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         values = {k: v for k, v in asdict(self).items() if k != "parity"}
@@ -80,18 +81,49 @@ class ExportSummary:
         return values
 
 
-def check_request(fmt: str, quantize: str | None) -> None:
-    """Refuse an unknown format or quantization, or quantization outside TFLite."""
+def check_request(fmt: str, quantize: str | None, precision: str = "auto") -> str:
+    """Refuse an unknown format or quantization, quantization outside TFLite, or a compute
+    precision the format cannot hold; returns the precision the export computes in.
+
+    ``auto`` is fp32 for every format: an export is made once and run on other machines, and
+    float32 runs everywhere (OpenVINO runs a float32 ONNX model in bf16 by itself on CPUs with
+    bfloat16 instructions). bf16 is held by a SavedModel only.
+
+    Raises:
+        ConfigError: bad format or quantization.
+        UsageError: a precision the format cannot compute in.
+    """
     check_choice(ExportFormat, fmt, "--format")
     if quantize is not None:
         check_choice(Quantization, quantize, "--quantize")
     if quantize is not None and fmt != "tflite":
         raise ConfigError(f"--quantize works with --format tflite only, not {fmt}")
+    try:
+        check_choice(Precision, precision, "--precision")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if precision == "fp16":
+        raise UsageError(
+            "--precision fp16: no export format computes in float16 here; for half-size "
+            "weights use --format tflite --quantize float16"
+        )
+    if precision == "bf16" and fmt != "savedmodel":
+        why = {
+            "onnx": "ONNX Runtime has no bfloat16 convolutions on the CPU (OpenVINO runs a "
+            "float32 ONNX model in bf16 by itself)",
+            "tflite": "TFLite has no bfloat16 kernels",
+        }[fmt]
+        raise UsageError(
+            f"--precision bf16 cannot be held by a {fmt} export: {why}; use --precision fp32, "
+            "or --format savedmodel for a bf16 graph"
+        )
+    return "bf16" if precision == "bf16" else "fp32"
 
 
-def default_out(run_dir: Path, fmt: str, quantize: str | None) -> Path:
-    """``RUN/exports/<format>`` or ``RUN/exports/tflite-<quantize>``."""
-    return run_dir / "exports" / (f"{fmt}-{quantize}" if quantize else fmt)
+def default_out(run_dir: Path, fmt: str, quantize: str | None, precision: str = "fp32") -> Path:
+    """``RUN/exports/<format>``, ``RUN/exports/tflite-<quantize>`` or ``.../savedmodel-bf16``."""
+    suffix = quantize or (precision if precision != "fp32" else None)
+    return run_dir / "exports" / (f"{fmt}-{suffix}" if suffix else fmt)
 
 
 def _sha256(path: Path) -> str:
@@ -152,6 +184,7 @@ class _ExportJob:
     out: Path
     overwrite: bool
     say: Callable[[str], None]
+    precision: str = "fp32"
 
 
 def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
@@ -177,15 +210,22 @@ def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         scratch.mkdir()
-        label = fmt + (f" ({quantize})" if quantize else "")
+        label = fmt + (
+            f" ({quantize or job.precision})" if quantize or job.precision != "fp32" else ""
+        )
         job.say(f"converting to {label}")
+        model = job.model
+        if job.precision != "fp32":
+            from pneumo_cli.model.build import precision_copy
+
+            model = precision_copy(job.model, job.precision)
         written = export_backends.write_export(
-            job.model, fmt, scaling, size, scratch, quantize, calibration
+            model, fmt, scaling, size, scratch, quantize, calibration
         )
         job.say(f"checking parity on {inputs}")
         exported = run_in_batches(load_runner(fmt, written), images)
         area_scale = area_scale_for(PARITY_ORIGINAL_HW, (size, size))
-        tolerance = TOLERANCES[quantize or "float32"]
+        tolerance = TOLERANCES[quantize or ("bf16" if job.precision == "bf16" else "float32")]
         parity = compare_probabilities(
             reference, exported, opened.gate, tolerance, inputs, area_scale
         )
@@ -195,6 +235,7 @@ def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
                 f"{inputs}: {'; '.join(parity.failures)}; nothing was written"
             )
         manifest = _manifest(opened, fmt, quantize, written, calibration_note, parity)
+        manifest["precision"] = job.precision
         atomic_write_json(scratch / MANIFEST_FILE, manifest)
         _check_out(out, job.overwrite, opened.run_dir)  # another process may have made it
         _replace_folder(scratch, out)
@@ -258,6 +299,7 @@ def export_run(
     out: str | os.PathLike[str] | None = None,
     *,
     quantize: str | None = None,
+    precision: str = "auto",
     overwrite: bool = False,
     notify: Callable[[str], None] | None = None,
 ) -> ExportSummary:
@@ -268,6 +310,8 @@ def export_run(
         fmt: ``savedmodel``, ``tflite`` or ``onnx``.
         out: export folder (default: ``RUN/exports/<format>[-<quantize>]``).
         quantize: TFLite only: ``float16`` or ``int8`` (calibrated on cache training images).
+        precision: the graph's compute type: ``auto``/``fp32``, or ``bf16`` for a SavedModel
+            (see :func:`check_request`).
         overwrite: replace an existing ``out``.
         notify: told each step as it starts.
 
@@ -281,22 +325,23 @@ def export_run(
     from pneumo_cli.model.saving import load_model
     from pneumo_cli.training.runs import resolve_run
 
-    check_request(fmt, quantize)
+    precision = check_request(fmt, quantize, precision)
     say = notify or (lambda message: None)
     started = time.perf_counter()
     opened = open_run_for_inference(resolve_run(run))
     run_dir = opened.run_dir
-    out = Path(out) if out is not None else default_out(run_dir, fmt, quantize)
+    out = Path(out) if out is not None else default_out(run_dir, fmt, quantize, precision)
     _check_out(out, overwrite, run_dir)
     say(f"loading {opened.model_path}")
     model = load_model(opened.model_path)
-    job = _ExportJob(opened, model, fmt, quantize, out, overwrite, say)
+    job = _ExportJob(opened, model, fmt, quantize, out, overwrite, say, precision)
     written, parity, calibration_note = _write_checked_export(job)
     model_out = out / written.name
     return ExportSummary(
         run=str(run_dir),
         format=fmt,
         quantize=quantize,
+        precision=precision,
         out_dir=str(out),
         model=str(model_out),
         size_mb=round(_size_bytes(model_out) / 1e6, 2),

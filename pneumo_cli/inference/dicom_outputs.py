@@ -144,10 +144,13 @@ def model_file_sha256(predictor: Any) -> str:
     model = path / "best.keras" if info is None else Path(info.model_path)
     if info is not None and model.is_dir():
         model = path / "pneumo-model.json"
-    if not model.is_file():
-        return ""
-    stat = model.stat()
-    return _hashed(str(model.resolve()), stat.st_size, stat.st_mtime_ns)
+    return cached_file_sha256(model) if model.is_file() else ""
+
+
+def cached_file_sha256(path: Path) -> str:
+    """SHA-256 of a file, not read again while its size and modification time are unchanged."""
+    stat = path.stat()
+    return _hashed(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)

@@ -215,6 +215,28 @@ class ExportedPredictor:
     info: ExportInfo
     tta: str
     _run: Runner = field(repr=False)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        """The compute type of the exported graph (``fp32`` for exports without the field; a
+        float16/int8 TFLite export stores smaller weights, recorded as its ``quantize``)."""
+        return str(self.info.manifest.get("precision", "fp32"))
+
+    @property
+    def engine(self) -> str:
+        """The runtime of the export's format."""
+        return {"onnx": "onnxruntime", "tflite": "tflite", "savedmodel": "tensorflow"}.get(
+            self.info.format, self.info.format
+        )
+
+    @property
+    def precision_reason(self) -> str:
+        return f"the {self.info.format} export computes in {self.precision}"
+
+    @property
+    def precision_check(self) -> None:
+        return None
 
     @property
     def source(self) -> Path:

@@ -13,10 +13,13 @@ from pneumo_cli.inference.postprocess import Gate
 JOB_FILE = "job.json"
 
 
-def job_identity(predictor: Any, gate: Gate) -> dict[str, Any]:
+def job_identity(
+    predictor: Any, gate: Gate, shard: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """What decides a predict job's outputs: the model (its folder and a hash of its model
-    file), the gate, TTA, precision, preprocessing and pneumo's version. A re-run into the same
-    folder resumes only the same job."""
+    file), the gate, TTA, precision, engine, preprocessing, pneumo's version and, for a part of a
+    sharded job, the part (``"K/N"``). A re-run into the same folder resumes only the same
+    job."""
     from pneumo_cli import __version__
     from pneumo_cli.core.config import to_dict
     from pneumo_cli.inference.dicom_outputs import model_file_sha256
@@ -26,10 +29,11 @@ def job_identity(predictor: Any, gate: Gate) -> dict[str, Any]:
         "model_sha256": model_file_sha256(predictor),
         "gate": asdict(gate),
         "tta": predictor.tta,
-        "precision": "fp32",
+        "precision": predictor.precision,
+        "engine": predictor.engine,
         "preprocess": to_dict(predictor.settings),
         "pneumo_version": __version__,
-    }
+    } | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
 
 
 def claim_predict_job(out: Path, job: dict[str, Any], overwrite: bool) -> None:

@@ -63,13 +63,15 @@ def output_row(
 
 
 def write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
+    """``rejected.csv`` (source, reason), sorted by source so that the file does not depend on
+    the order inputs were listed or finished in (a merged sharded job equals one run)."""
     if not rejected:
         path.unlink(missing_ok=True)
         return
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "reason"])
-    writer.writerows(rejected)
+    writer.writerows(sorted(rejected))
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pneumo_cli.core.errors import ConfigError, InputError, PneumoError
+from pneumo_cli.core.errors import ConfigError, InputError, PneumoError, UsageError
 from pneumo_cli.core.files import (
     atomic_write_json,
     ensure_output_dir,
@@ -47,6 +47,7 @@ from pneumo_cli.inference.outputs import (
 )
 from pneumo_cli.inference.postprocess import Gate
 from pneumo_cli.inference.predictor import check_cache_matches, open_predictor
+from pneumo_cli.inference.shards import select_shard
 from pneumo_cli.inference.sources import (
     Item,
     Rejected,
@@ -54,6 +55,7 @@ from pneumo_cli.inference.sources import (
     cache_sources,
     file_loader,
     file_sources,
+    first_images,
 )
 
 
@@ -68,13 +70,22 @@ class PredictSummary:
     positive: int = 0
     images_per_second: float = 0.0
     tta: str = "none"
+    precision: str = "fp32"
+    engine: str = "keras"
+    precision_reason: str = ""
+    precision_check: dict[str, Any] | None = None
+    shard: str = ""
     gate: dict[str, float] = field(default_factory=dict)
     out_dir: str = ""
     predictions_csv: str = ""
     outputs: dict[str, int] = field(default_factory=dict)  # counts of extra outputs (DICOM SEG)
+    # For stderr, not for the result: (kind, text) with kind "note" or "warning".
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        del values["notes"]
+        return values
 
 
 def predict_items(
@@ -219,8 +230,11 @@ def _predict_into(
 ) -> PredictSummary:
     """The body of :func:`predict_sources`, run while holding the output folder's lock."""
     summary = PredictSummary(
-        images=len(sources), tta=predictor.tta, gate=asdict(gate), out_dir=str(outputs.out)
-    )
+        images=len(sources), tta=predictor.tta, gate=asdict(gate), out_dir=str(outputs.out),
+        precision=predictor.precision, engine=predictor.engine,
+        precision_reason=predictor.precision_reason,
+        precision_check=predictor.precision_check,
+    )  # fmt: skip
     records: dict[str, dict] = {}
     todo = []
     for image_id, handle in sources:
@@ -320,6 +334,9 @@ def predict_inputs(
     cache: str | os.PathLike[str] | None = None,
     split: str | None = None,
     tta: str = "none",
+    precision: str = "auto",
+    engine: str = "auto",
+    shard: tuple[int, int] | None = None,
     gate_overrides: dict[str, float | None] | None = None,
     save_probs: bool = False,
     dicom_seg: bool = False,
@@ -331,6 +348,9 @@ def predict_inputs(
     """`pneumo predict`: files/folders of X-rays, or one split of a cache, through a run or
     through an exported model (``model``: a folder written by `pneumo export`, or its model).
 
+    ``precision`` is resolved by :func:`~pneumo_cli.inference.predictor.load_predictor` (its
+    check against float32 uses the run's validation images, else the first inputs).
+    ``shard=(K, N)`` predicts only part K of N (:func:`select_shard`).
     ``gate_overrides`` replaces the run's gate values that are not None. ``dicom_seg`` also
     writes a DICOM Segmentation per DICOM input (:mod:`pneumo_cli.inference.dicom_outputs`).
     Progress is reported per image (:mod:`pneumo_cli.core.progress`).
@@ -350,21 +370,33 @@ def predict_inputs(
         raise ConfigError(
             "--dicom-seg needs the DICOM files as INPUT: a cache keeps no DICOM headers"
         )
-    predictor = open_predictor(run, model, tta)
-    overrides = {k: v for k, v in (gate_overrides or {}).items() if v is not None}
-    gate = dataclasses.replace(predictor.gate, **overrides)
+    if dicom_seg and shard is not None:
+        raise UsageError(
+            "--dicom-seg cannot be sharded yet (one job writes one SEG series); predict the "
+            "SEGs in one job, or shard without --dicom-seg"
+        )
     if cache is not None:
         from pneumo_cli.data.cache import load_cache_settings
 
         cache = Path(cache)
-        check_cache_matches(load_cache_settings(cache), predictor, cache)
+        cache_settings = load_cache_settings(cache)
         sources, load = cache_sources(cache, split or "test")
         rejected: list[tuple[str, str]] = []
         protect: list[str | os.PathLike[str]] = [cache]
+        parity_inputs = first_images(sources, lambda settings: load)
     else:
         sources, rejected = file_sources(collect_xray_files(inputs))
-        load = file_loader(predictor.settings, sources)
         protect = [p for p in inputs if Path(p).is_dir()]
+        parity_inputs = first_images(sources, lambda settings: file_loader(settings, sources))
+    if shard is not None:
+        sources, rejected = select_shard(sources, rejected, shard)
+    predictor = open_predictor(run, model, tta, precision, parity_inputs, engine)
+    if cache is not None:
+        check_cache_matches(cache_settings, predictor, cache)
+    else:
+        load = file_loader(predictor.settings, sources)
+    overrides = {k: v for k, v in (gate_overrides or {}).items() if v is not None}
+    gate = dataclasses.replace(predictor.gate, **overrides)
     stages = []
     if dicom_seg:
         from pneumo_cli.inference.dicom_outputs import SegStage, algorithm_source
@@ -372,7 +404,7 @@ def predict_inputs(
         ids = [image_id for image_id, _ in sources]
         stages.append(SegStage(algorithm_source(predictor), ids, overwrite=overwrite))
     with stage(progress, "predicting", len(sources) + len(rejected)) as advance:
-        return predict_sources(
+        summary = predict_sources(
             predictor,
             sources,
             out_dir,
@@ -385,6 +417,9 @@ def predict_inputs(
             inputs_to_protect=protect,
             rejected=rejected,
             stages=stages,
-            job=job_identity(predictor, gate),
+            job=job_identity(predictor, gate, shard),
             progress=advance,
         )
+    summary.shard = f"{shard[0]}/{shard[1]}" if shard else ""
+    summary.notes = list(predictor.notes)
+    return summary

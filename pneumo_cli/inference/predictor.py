@@ -4,15 +4,16 @@ network (with optional flip TTA) that maps prepared images to probabilities."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pneumo_cli.core.choices import Tta, check_choice
+from pneumo_cli.core.choices import Engine, Tta, check_choice
 from pneumo_cli.core.config import PreprocessConfig, from_dict
-from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError, UsageError
 from pneumo_cli.inference.postprocess import POSTPROCESS_FILE, Gate, load_gate
 
 # Preprocessing settings that change the pixels the network sees; a cache used for prediction
@@ -34,7 +35,9 @@ class Predictor:
 
     ``probabilities(images)`` maps uint8 (B, S, S) prepared images to float32 (B, S, S)
     probabilities through one compiled ``tf.function``; ``tta="hflip"`` averages each image's
-    prediction with that of its mirror image.
+    prediction with that of its mirror image. ``precision`` is what the network computes in
+    (see :func:`load_predictor`), ``precision_reason`` why, ``precision_check`` the check
+    against float32 behind it, and ``notes`` what the command should tell on stderr.
     """
 
     run_dir: Path
@@ -43,6 +46,11 @@ class Predictor:
     gate: Gate
     tta: str
     _forward: Any = field(repr=False)
+    precision: str = "fp32"
+    precision_reason: str = ""
+    precision_check: dict[str, Any] | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    engine: str = "keras"
 
     @property
     def image_size(self) -> int:
@@ -53,7 +61,7 @@ class Predictor:
         return self.run_dir
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self._forward(images).numpy()
+        return self._forward(images)
 
 
 @dataclass(frozen=True)
@@ -108,24 +116,128 @@ def open_run_for_inference(run_dir: str | os.PathLike[str]) -> RunForInference:
     return RunForInference(run_dir, config, settings, config["input_scaling"], model_path, gate)
 
 
-def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predictor:
-    """Load a run (:func:`open_run_for_inference`) and compile its network for inference.
+def load_predictor(
+    run_dir: str | os.PathLike[str],
+    tta: str = "none",
+    precision: str = "auto",
+    parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None = None,
+    engine: str = "auto",
+) -> Predictor:
+    """Load a run (:func:`open_run_for_inference`) and make its network ready for inference.
+
+    ``precision`` ``auto`` wants the fastest precision this machine has (fp16 on an NVIDIA GPU,
+    bf16 on a CPU with bfloat16 instructions, else fp32) and ``engine`` ``auto`` OpenVINO on a
+    CPU where it is installed, else Keras. Every way wanted is checked against the float32 Keras
+    network for this run, once per machine kind (:mod:`pneumo_cli.inference.precision_parity`,
+    on the run's validation images, else on ``parity_inputs(settings, n)``: up to ``n`` inputs
+    prepared with the run's settings, and their description), and timed beside it; the
+    fastest whose masks match wins, float32 Keras being the fall-back. An explicit precision or
+    engine is used as asked, with a warning in ``notes`` if it fails the check. The inference
+    fast paths that change no result are applied.
 
     Raises:
         ConfigError: not a run, unknown TTA, or a config without the settings inference needs.
+        UsageError: an unknown precision or engine, fp16 without a GPU, OpenVINO absent or
+            asked for fp16.
         InputError: the run has no readable ``best.keras``.
     """
-    from pneumo_cli.engine.tf import import_tf
-    from pneumo_cli.model.encoders import scale_input
-    from pneumo_cli.model.saving import load_model
+    from pneumo_cli.engine.precision import choose_precision, gpu_names
+    from pneumo_cli.inference.precision_parity import REFERENCE, choose_network
 
     check_choice(Tta, tta, "--tta")
     opened = open_run_for_inference(run_dir)
-    model = load_model(opened.model_path)
-    config, settings, gate = opened.config, opened.settings, opened.gate
+    gpus = gpu_names()
+    wanted, reason = choose_precision(precision, bool(gpus), gpus, purpose="predict")
+    candidates = _candidates(wanted, precision == "auto", engine, bool(gpus))
+    model = _load_inference_model(opened.model_path)
+    parts = dict(run_dir=opened.run_dir, config=opened.config, settings=opened.settings,
+                 gate=opened.gate, tta=tta)  # fmt: skip
+
+    built: dict[Any, Callable[[np.ndarray], np.ndarray]] = {}
+
+    def build(candidate: Any) -> Callable[[np.ndarray], np.ndarray]:
+        if candidate not in built:
+            built[candidate] = _build_network(model, opened, tta, candidate)
+        return built[candidate]
+
+    if candidates == [REFERENCE]:
+        network = build(REFERENCE)
+        return Predictor(**parts, _forward=network, precision="fp32", precision_reason=reason)
+    choice = choose_network(opened, candidates, reason, build, tta, gpus, parity_inputs)
+    network = build(choice.candidate)
+    built.clear()  # the networks only the check needed
+    return Predictor(
+        **parts,
+        _forward=network,
+        precision=choice.candidate.precision,
+        precision_reason=choice.reason,
+        precision_check=choice.check.to_dict() if choice.check else None,
+        notes=choice.notes,
+        engine=choice.candidate.engine,
+    )
+
+
+def _candidates(wanted: str, auto: bool, engine: str, on_gpu: bool) -> list[Any]:
+    """The ways to run the network, most wanted first (see :func:`load_predictor`).
+
+    Raises:
+        UsageError: an unknown engine, OpenVINO absent or asked for a precision it lacks.
+    """
+    from pneumo_cli.engine.openvino import openvino_available
+    from pneumo_cli.inference.precision_parity import REFERENCE, Candidate
+
+    try:
+        check_choice(Engine, engine, "--engine")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if engine == "openvino" and wanted == "fp16":
+        raise UsageError("--engine openvino runs on the CPU in fp32 or bf16, not fp16")
+    if engine == "openvino" and not openvino_available():
+        raise UsageError("--engine openvino needs the openvino package: pip install openvino")
+    engines = [engine]
+    if engine == "auto":
+        usable = not on_gpu and wanted != "fp16" and openvino_available()
+        engines = ["openvino", "keras"] if usable else ["keras"]
+    precisions = [wanted] + (["fp32"] if auto and wanted != "fp32" else [])
+    candidates = [Candidate(e, p) for p in precisions for e in engines]
+    if auto and engine == "auto" and REFERENCE not in candidates:
+        candidates.append(REFERENCE)
+    return candidates
+
+
+def _load_inference_model(path: Path) -> Any:
+    from pneumo_cli.model import fastpaths
+    from pneumo_cli.model.saving import load_model
+
+    model = load_model(path)
+    fastpaths.fold_zero_padding(model)
+    return model
+
+
+def _build_network(model: Any, opened: RunForInference, tta: str, candidate: Any) -> Any:
+    """``uint8 (B, S, S) -> float32 (B, S, S)`` for a candidate way to run ``model``."""
+    from pneumo_cli.model.build import precision_copy
+
+    if candidate.engine == "openvino":
+        from pneumo_cli.engine.openvino import OpenVinoNetwork
+
+        # OpenVINO converts the float32 function and computes in the precision it is told.
+        return OpenVinoNetwork(_compile_forward(model, opened, tta), candidate.precision)
+    net = model if candidate.precision == "fp32" else precision_copy(model, candidate.precision)
+    return _numpy(_compile_forward(net, opened, tta))
+
+
+def _numpy(forward: Any) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda images: forward(images).numpy()
+
+
+def _compile_forward(model: Any, opened: RunForInference, tta: str) -> Any:
+    """One ``tf.function``: uint8 (B, S, S) -> float32 (B, S, S) probabilities, with TTA."""
+    from pneumo_cli.engine.tf import import_tf
+    from pneumo_cli.model.encoders import scale_input
 
     tf = import_tf()
-    size, scaling = settings.image_size, opened.input_scaling
+    size, scaling = opened.image_size, opened.input_scaling
 
     # No autograph: the function has no tensor-dependent control flow, and autograph would write
     # generated code into /tmp.
@@ -138,7 +250,7 @@ def load_predictor(run_dir: str | os.PathLike[str], tta: str = "none") -> Predic
             probs = (probs + tf.reverse(mirrored[..., 0], axis=[2])) / 2.0
         return probs
 
-    return Predictor(opened.run_dir, config, settings, gate, tta, forward)
+    return forward
 
 
 def check_cache_matches(cache_settings: PreprocessConfig, run: Any, cache: Path) -> None:
@@ -162,22 +274,40 @@ def open_predictor(
     run: str | os.PathLike[str] | None,
     model: str | os.PathLike[str] | None = None,
     tta: str = "none",
+    precision: str = "auto",
+    parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None = None,
+    engine: str = "auto",
 ) -> Any:
     """A run's :class:`Predictor`, or with ``model`` an exported model's predictor.
 
-    Both offer ``settings``, ``gate``, ``tta``, ``image_size``, ``source`` and
+    Both offer ``settings``, ``gate``, ``tta``, ``image_size``, ``source``, ``precision``,
+    ``precision_reason``, ``precision_check``, ``notes`` and
     ``probabilities(uint8 (B, S, S)) -> float32 (B, S, S)``. An ONNX export loads without
-    TensorFlow.
+    TensorFlow; it computes in the precision it was exported in, so only ``precision`` auto
+    fits it (or fp32 for a float32 export).
 
     Raises:
         ConfigError: both ``run`` and ``model`` given, or what the loaders raise.
+        UsageError: a precision the model cannot run in.
     """
     if model is not None:
         if run is not None:
             raise ConfigError("give --run or --model, not both")
         from pneumo_cli.inference.exported import load_exported_predictor
 
-        return load_exported_predictor(model, tta)
+        if engine != "auto":
+            raise UsageError(
+                f"--engine {engine} cannot apply to --model: an export runs in its format's "
+                "runtime; use --run"
+            )
+        exported = load_exported_predictor(model, tta)
+        if precision not in ("auto", exported.precision):
+            raise UsageError(
+                f"--precision {precision} cannot apply to --model {model}: an export runs in "
+                f"the precision it was exported in ({exported.precision}); use --run, or "
+                "drop --precision"
+            )
+        return exported
     from pneumo_cli.training.runs import resolve_run
 
-    return load_predictor(resolve_run(run), tta)
+    return load_predictor(resolve_run(run), tta, precision, parity_inputs, engine)

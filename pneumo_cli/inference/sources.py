@@ -108,3 +108,25 @@ def cache_sources(cache: Path, split: str) -> tuple[list[tuple[str, Any]], Any]:
         return Item(row["ImageId"], image, crop, shape)
 
     return [(row["ImageId"], row) for _, row in rows.iterrows()], load
+
+
+def first_images(sources: Sequence[tuple[str, Any]], make_loader: Any) -> Any:
+    """``take(settings, n) -> (uint8 (k, S, S) images, description)``: the first ``n`` sources
+    that load (``make_loader(settings)`` gives the loader), for a check that needs inputs."""
+    from pneumo_cli.core.errors import PneumoError
+
+    def take(settings: PreprocessConfig, count: int) -> tuple[np.ndarray, str]:
+        load = make_loader(settings)
+        images = []
+        for _, handle in sources:
+            if len(images) == count:
+                break
+            try:
+                images.append(load(handle).image)
+            except PneumoError:
+                continue
+        size = settings.image_size
+        stack = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+        return stack, f"the first {len(images)} inputs"
+
+    return take

@@ -165,17 +165,42 @@ def float32_copy(model: Any) -> Any:
     so a model trained in bf16/fp16 is saved, loaded and run in float32 (its weights are
     float32 variables already; only the compute type changes).
     """
-    tf = import_tf()
     if all(_layer_dtype_name(layer) == "float32" for layer in model.layers):
         return model
-    from pneumo_cli.model import losses
+    return precision_copy(model, "fp32")
+
+
+def precision_copy(model: Any, precision: str) -> Any:
+    """A twin of ``model`` computing in ``precision`` (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+
+    Same layers, names and float32 weights; only the compute type changes. Under a mixed
+    precision the input layer and the last layer (the sigmoid) stay float32, so the twin maps
+    float32 input to float32 probabilities like the original, and its last activation is
+    computed from the logits in float32, as in training (:func:`_with_float32_sigmoid`).
+    The inference fast paths that change no result are applied (frozen input norm as a
+    multiply-add, zero padding folded into 'SAME' convolutions).
+
+    Raises:
+        ConfigError: unknown precision.
+    """
+    tf = import_tf()
+    from pneumo_cli.model import fastpaths, losses
 
     config = model.get_config()
+    last = config["output_layers"][0][0]
     for layer in config["layers"]:
-        layer["config"]["dtype"] = "float32"
-    with precision_policy("fp32"):
+        mixed = precision != "fp32" and layer["class_name"] != "InputLayer"
+        if mixed and layer["config"]["name"] != last:
+            layer["config"].pop("dtype", None)  # takes the policy in force below
+        else:
+            layer["config"]["dtype"] = "float32"
+    with precision_policy(precision):
         twin = tf.keras.Model.from_config(config, custom_objects=losses.custom_objects())
     twin.set_weights(model.get_weights())
+    for layer in twin.layers:
+        if layer.name == INPUT_NORM_LAYER and not layer.trainable:
+            fastpaths.unfuse_frozen_norm(layer)
+    fastpaths.fold_zero_padding(twin)
     return twin
 
 

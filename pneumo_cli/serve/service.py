@@ -94,10 +94,16 @@ def serve(
     run: str | os.PathLike[str] | None = None,
     model: str | os.PathLike[str] | None = None,
     tta: str = "none",
+    precision: str = "auto",
+    engine: str = "auto",
     log: Log,
     stop: threading.Event,
 ) -> ServeSummary:
     """Run the DICOM node until ``stop`` is set (or it has been idle ``exit_when_idle_s``).
+
+    ``precision`` is resolved as `pneumo predict` resolves it; its check against float32 uses
+    the run's validation images or the result `predict` cached for this run and machine kind
+    (with neither, ``auto`` stays fp32 and says so in the ``ready`` line).
 
     ``log(event, **fields)`` receives one call per line to log (thread-safe calls, from
     several threads; never patient data). Events: ``listening``, ``ready``, ``done``,
@@ -137,7 +143,7 @@ def serve(
                 unsent=len(inbox.unsent()))  # fmt: skip
         try:
             started = time.perf_counter()
-            predictor = open_predictor(run, model, tta)  # the slow part of the start
+            predictor = open_predictor(run, model, tta, precision, None, engine)  # slow
             load_s = round(time.perf_counter() - started, 2)
             stopped_by = _run_node(settings, predictor, load_s, node, inbox, arrivals, load,
                                    counted, stop)  # fmt: skip
@@ -183,7 +189,9 @@ def _run_node(
     for thread in threads:
         thread.start()
     log("ready", model=str(predictor.source), tta=predictor.tta, gate=dataclasses.asdict(gate),
-        load_s=load_s)  # fmt: skip
+        precision=predictor.precision, engine=predictor.engine,
+        precision_reason=predictor.precision_reason,
+        notes=[text for _, text in predictor.notes], load_s=load_s)  # fmt: skip
     try:
         return _wait_for_stop(settings, node, arrivals, sender, threads, stop)
     finally:

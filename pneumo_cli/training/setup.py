@@ -14,7 +14,7 @@ from pneumo_cli.core.config import TrainConfig
 from pneumo_cli.core.errors import ConfigError
 from pneumo_cli.data import cache as data_cache
 from pneumo_cli.engine import tf as tf_engine
-from pneumo_cli.engine.precision import choose_precision
+from pneumo_cli.engine.precision import choose_precision, gpu_names
 from pneumo_cli.model import losses
 from pneumo_cli.training import runs
 from pneumo_cli.training.distribute import (
@@ -60,12 +60,7 @@ def compile_model(net: Any, config: TrainConfig, replicas: int) -> Any:
 
 
 def resolve_precision(requested: str, placement: Placement) -> tuple[str, str]:
-    tf = tf_engine.import_tf()
-    names = []
-    if placement.gpus:
-        for device in tf.config.list_physical_devices("GPU"):
-            details = tf.config.experimental.get_device_details(device)
-            names.append(str(details.get("device_name", device.name)))
+    names = gpu_names() if placement.gpus else []
     return choose_precision(requested, placement.gpus, names)
 
 

@@ -1,0 +1,127 @@
+"""`pneumo predict` per precision (and engine) end to end on real SIIM DICOMs, as ratios to fp32.
+
+Run: .venv/bin/python benchmarks/bench_inference.py [--copies 8] [--batch-size 16] [--run RUN]
+
+For each setting (fp32, then bf16 and what ``--precision auto`` resolves to on this machine):
+
+- the bare network: ``probabilities`` on a uint8 batch, images/s, and at batch 1 (median ms);
+- the pipeline: ``predict_sources`` over copies of the 8 real 1024 x 1024 JPEG DICOMs of
+  ../shared/siim (decode, crop, CLAHE, resize in threads, network, back-mapping, gate, RLE,
+  writes), with SIIM's mix of outputs (78% of the maps zeroed, see bench_predict.SiimMix);
+- one DICOM end to end with the model loaded (median of 10), the path `pneumo serve` takes,
+  and what the work around the network adds to it (end to end minus the network at batch 1).
+
+Settings run alternately, ``--rounds`` times, and each figure is the median of its rounds, so
+that all see the same machine state. With random weights (no ``--run``) the precision check
+fails by nature (random maps sit near the threshold), so explicit precisions are timed, and
+``auto``'s choice is printed as it is. Wall-clock times: run nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_predict import SIIM, SiimMix, build_run, real_inputs
+from machine import machine_line  # benchmarks/machine.py (the script's own folder)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def time_network(predictor, size: int, batch: int, repeats: int) -> tuple[float, float]:
+    """(images/s at ``batch``, median ms at batch 1) of the bare network."""
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
+    for _ in range(2):
+        predictor.probabilities(images)
+        predictor.probabilities(images[:1])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predictor.probabilities(images)
+    rate = repeats * batch / (time.perf_counter() - start)
+    single = []
+    for _ in range(20):
+        start = time.perf_counter()
+        predictor.probabilities(images[:1])
+        single.append(time.perf_counter() - start)
+    return rate, statistics.median(single) * 1e3
+
+
+def time_pipeline(predictor, sources, load, out: Path, batch: int) -> tuple[float, float]:
+    """(images/s of predict over ``sources``, median ms of one DICOM end to end)."""
+    from pneumo_cli.inference.predict import predict_sources
+
+    mix = SiimMix(predictor)
+    start = time.perf_counter()
+    summary = predict_sources(mix, sources, out, load=load, batch_size=batch, overwrite=True)
+    rate = summary.predicted / (time.perf_counter() - start)
+    one = []
+    for _ in range(10):
+        start = time.perf_counter()
+        predict_sources(predictor, sources[:1], out / "one", load=load, overwrite=True)
+        one.append(time.perf_counter() - start)
+    return rate, statistics.median(one) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM")
+    parser.add_argument("--repeats", type=int, default=6, help="timed network batches")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
+    parser.add_argument("--run", type=Path, help="a trained run instead of a random-weights one")
+    args = parser.parse_args()
+    if not SIIM.is_dir():
+        sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
+
+    from pneumo_cli.inference.predictor import load_predictor
+    from pneumo_cli.inference.sources import file_loader, file_sources
+
+    print(machine_line())
+    root = Path(tempfile.mkdtemp(prefix="pneumo-bench-inference-"))
+    try:
+        run = args.run or build_run(root, args.encoder, args.image_size)
+        auto = load_predictor(run)
+        print(f"auto resolves to {auto.precision}: {auto.precision_reason}")
+        settings = {
+            "fp32": load_predictor(run, precision="fp32"),
+            "bf16": load_predictor(run, precision="bf16"),  # emulated on CPUs without bf16
+        }
+        paths = real_inputs(root / "inputs", args.copies)
+        sources, _ = file_sources(paths)
+        load = file_loader(auto.settings, sources)
+        figures: dict[str, list[tuple[float, ...]]] = {name: [] for name in settings}
+        for _ in range(args.rounds):
+            for name, predictor in settings.items():
+                network = time_network(predictor, args.image_size, args.batch_size, args.repeats)
+                pipeline = time_pipeline(predictor, sources, load, root / name, args.batch_size)
+                figures[name].append(network + pipeline)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    medians = {
+        k: [statistics.median(col) for col in zip(*v, strict=True)] for k, v in figures.items()
+    }
+    base = medians["fp32"]
+    print(f"{args.encoder} U-Net at {args.image_size} px, batch {args.batch_size}, {len(sources)} "
+          f"real DICOMs, median of {args.rounds} alternating rounds; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    header = (f"{'precision':10s} {'net img/s':>10s} {'x fp32':>7s} {'net b1 ms':>10s} "
+              f"{'predict img/s':>14s} {'x fp32':>7s} {'1 DICOM ms':>11s} {'around net ms':>14s}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for name, (net, net_b1, rate, one) in medians.items():
+        print(f"{name:10s} {net:10.1f} {net / base[0]:7.2f} {net_b1:10.1f} {rate:14.1f} "
+              f"{rate / base[2]:7.2f} {one:11.1f} {one - net_b1:14.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
