@@ -1,8 +1,9 @@
-"""`pneumo predict` per precision (and engine) end to end on real SIIM DICOMs, as ratios to fp32.
+"""`pneumo predict` per precision and engine end to end on real SIIM DICOMs, as ratios to fp32.
 
 Run: .venv/bin/python benchmarks/bench_inference.py [--copies 8] [--batch-size 16] [--run RUN]
 
-For each setting (fp32, then bf16 and what ``--precision auto`` resolves to on this machine):
+For each way to run the network (fp32 and bf16, each in Keras and in OpenVINO), with what
+``--precision auto --engine auto`` resolves to on this machine marked:
 
 - the bare network: ``probabilities`` on a uint8 batch, images/s, and at batch 1 (median ms);
 - the pipeline: ``predict_sources`` over copies of the 8 real 1024 x 1024 JPEG DICOMs of
@@ -12,9 +13,9 @@ For each setting (fp32, then bf16 and what ``--precision auto`` resolves to on t
   and what the work around the network adds to it (end to end minus the network at batch 1).
 
 Settings run alternately, ``--rounds`` times, and each figure is the median of its rounds, so
-that all see the same machine state. With random weights (no ``--run``) the precision check
-fails by nature (random maps sit near the threshold), so explicit precisions are timed, and
-``auto``'s choice is printed as it is. Wall-clock times: run nothing else on the machine.
+that all see the same machine state. With random weights (no ``--run``) the bf16 check fails
+by nature (random maps sit near the threshold, so ``auto`` stays fp32): give a trained run to
+see what ``auto`` chooses for a real model. Wall-clock times: run nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def time_pipeline(predictor, sources, load, out: Path, batch: int) -> tuple[floa
     return rate, statistics.median(one) * 1e3
 
 
+def time_stages(predictor, sources, load) -> dict[str, float]:
+    """Median ms per stage of one X-ray with the model loaded, over the distinct DICOMs: load
+    (read, decode, crop, CLAHE, resize), network at batch 1, then gate, RLE and the mask PNG for
+    a negative map (SIIM's usual case) and for the map as it is (positive here)."""
+    from pneumo_cli.core.files import encode_png
+    from pneumo_cli.inference.outputs import output_row
+
+    stages: dict[str, list[float]] = {"load": [], "network": [], "negative": [], "positive": []}
+    for _, path in sources[:: max(1, len(sources) // 8)][:8] * 3:
+        began = time.perf_counter()
+        item = load(path)
+        stages["load"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        prob = predictor.probabilities(item.image[None])[0]
+        stages["network"].append(time.perf_counter() - began)
+        for name, values in (("negative", prob * 0.0), ("positive", prob)):
+            began = time.perf_counter()
+            _, mask, _ = output_row(item.image_id, values, item, predictor.gate, False)
+            if mask.any():  # an empty mask's PNG is made once per size (core.files)
+                encode_png(np.multiply(mask > 0, 255, dtype=np.uint8), unfiltered=True)
+            stages[name].append(time.perf_counter() - began)
+    return {name: statistics.median(times) * 1e3 for name, times in stages.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="resnet34")
@@ -91,14 +116,17 @@ def main() -> None:
     try:
         run = args.run or build_run(root, args.encoder, args.image_size)
         auto = load_predictor(run)
-        print(f"auto resolves to {auto.precision}: {auto.precision_reason}")
-        settings = {
-            "fp32": load_predictor(run, precision="fp32"),
-            "bf16": load_predictor(run, precision="bf16"),  # emulated on CPUs without bf16
-        }
+        print(f"auto resolves to {auto.precision} ({auto.engine}): {auto.precision_reason}")
+        chosen = f"{auto.precision} {auto.engine}"
+        settings = {}
+        for engine in ("keras", "openvino"):
+            for precision in ("fp32", "bf16"):  # bf16 is emulated on CPUs without it
+                name = f"{precision} {engine}"
+                settings[name] = load_predictor(run, precision=precision, engine=engine)
         paths = real_inputs(root / "inputs", args.copies)
         sources, _ = file_sources(paths)
         load = file_loader(auto.settings, sources)
+        stages = time_stages(settings[chosen], sources, load)
         figures: dict[str, list[tuple[float, ...]]] = {name: [] for name in settings}
         for _ in range(args.rounds):
             for name, predictor in settings.items():
@@ -110,17 +138,26 @@ def main() -> None:
     medians = {
         k: [statistics.median(col) for col in zip(*v, strict=True)] for k, v in figures.items()
     }
-    base = medians["fp32"]
+    base = medians["fp32 keras"]
     print(f"{args.encoder} U-Net at {args.image_size} px, batch {args.batch_size}, {len(sources)} "
           f"real DICOMs, median of {args.rounds} alternating rounds; load average "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    header = (f"{'precision':10s} {'net img/s':>10s} {'x fp32':>7s} {'net b1 ms':>10s} "
-              f"{'predict img/s':>14s} {'x fp32':>7s} {'1 DICOM ms':>11s} {'around net ms':>14s}")  # fmt: skip
+    header = (f"{'network':16s} {'net img/s':>9s} {'x':>5s} {'net b1 ms':>9s} "
+              f"{'predict img/s':>13s} {'x':>5s} {'1 DICOM ms':>10s} "
+              f"{'around ms':>9s}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for name, (net, net_b1, rate, one) in medians.items():
-        print(f"{name:10s} {net:10.1f} {net / base[0]:7.2f} {net_b1:10.1f} {rate:14.1f} "
-              f"{rate / base[2]:7.2f} {one:11.1f} {one - net_b1:14.1f}")  # fmt: skip
+        label = f"{name}{' *' if name == chosen else ''}"
+        print(f"{label:16s} {net:9.1f} {net / base[0]:5.2f} {net_b1:9.1f} {rate:13.1f} "
+              f"{rate / base[2]:5.2f} {one:10.1f} {one - net_b1:9.1f}")  # fmt: skip
+    print("x: ratio to fp32 keras in this run; * what auto chose; around: one DICOM end to end "
+          "(predict_sources: lock, job file, CSVs) minus the network at batch 1")  # fmt: skip
+    print(f"one X-ray, {chosen}, median ms: load {stages['load']:.1f}, network "
+          f"{stages['network']:.1f}, gate + RLE + mask PNG {stages['negative']:.1f} negative / "
+          f"{stages['positive']:.1f} positive; around the network "
+          f"{stages['load'] + stages['negative']:.1f} / "
+          f"{stages['load'] + stages['positive']:.1f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

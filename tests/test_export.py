@@ -196,11 +196,13 @@ def _read_outputs(out: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def run_prediction(tiny_run, real_train_dicoms, tmp_path_factory):
-    """Predictions of the run itself on the real DICOMs (with hflip TTA), to compare against."""
+    """Predictions of the run itself on the real DICOMs (with hflip TTA), to compare against:
+    by the float32 Keras network, the one exports are checked against."""
     out = tmp_path_factory.mktemp("from_run")
     gate = ["--tta", "hflip"]
     inputs = list(real_train_dicoms.values())
     args = ["--run", tiny_run["run"], "--out", out, "--save-probs", *gate]
+    args += ["--precision", "fp32", "--engine", "keras"]
     result = invoke("predict", *inputs, *args)
     assert result.exit_code == 0, result.output
     rows, masks = _read_outputs(out)

@@ -89,6 +89,22 @@ def test_only_the_engine_imports_tensorflow_at_module_level() -> None:
     assert offenders == []
 
 
+def test_only_engine_openvino_imports_openvino() -> None:
+    """OpenVINO is reached through engine.openvino.import_openvino(), which switches its usage
+    telemetry off before the first import; a direct import elsewhere could skip that."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] in ("openvino", "openvino_telemetry") for n in names):
+                offenders.append(str(path.relative_to(PACKAGE)))
+    assert set(offenders) == {"engine/openvino.py"}
+
+
 def test_no_module_is_much_over_400_lines() -> None:
     sizes = {
         str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")

@@ -346,3 +346,22 @@ def test_the_inference_copy_changes_no_float32_result(tiny_run):
     mixed = precision_copy(model, "bf16")
     assert mixed.get_layer("final_conv").compute_dtype == "bfloat16"
     assert mixed.layers[-1].compute_dtype == "float32" and mixed.output.dtype == tf.float32
+
+
+def test_openvino_is_imported_with_its_telemetry_off() -> None:
+    """OpenVINO's conversion API reports usage to an analytics service unless its telemetry
+    package is missing; pneumo makes it missing in its own process (checked in a fresh one)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pneumo_cli.engine.openvino import import_openvino\n"
+        "import_openvino()\n"
+        "from openvino.tools.ovc import telemetry_utils\n"
+        "print(telemetry_utils.tm.__name__, 'openvino_telemetry' in sys.modules and "
+        "sys.modules['openvino_telemetry'] is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False"]

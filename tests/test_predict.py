@@ -116,9 +116,13 @@ def test_predict_real_dicoms_at_original_size(tiny_run, real_train_dicoms, tmp_p
     assert submission[0] == "ImageId,EncodedPixels" and len(submission) == 4
 
 
-def test_hflip_tta_averages_the_mirror_prediction(tiny_run, tmp_path):
-    plain = load_predictor(tiny_run["run"], tta="none")
-    mirrored = load_predictor(tiny_run["run"], tta="hflip")
+@pytest.mark.parametrize("engine", ["keras", "openvino"])
+def test_hflip_tta_averages_the_mirror_prediction(tiny_run, tmp_path, engine):
+    """TTA is part of the network function, so it holds in either engine (float32 here: the
+    same function in two engines, each compared with itself)."""
+    plain = load_predictor(tiny_run["run"], tta="none", precision="fp32", engine=engine)
+    mirrored = load_predictor(tiny_run["run"], tta="hflip", precision="fp32", engine=engine)
+    assert plain.engine == mirrored.engine == engine
     rng = np.random.default_rng(1)
     half = rng.integers(0, 255, (2, 64, 32), dtype=np.uint8)
     asymmetric = rng.integers(0, 255, (1, 64, 64), dtype=np.uint8)

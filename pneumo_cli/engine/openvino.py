@@ -47,6 +47,13 @@ def openvino_available() -> bool:
     return "openvino" in sys.modules or find_spec("openvino") is not None
 
 
+def openvino_precisions() -> list[str]:
+    """The precisions (pneumo's names) OpenVINO's CPU plugin computes natively on this CPU:
+    fp32 always, bf16 where it reports the BF16 capability (AVX512-BF16 or AMX)."""
+    capabilities = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ["fp32"] + (["bf16"] if "BF16" in capabilities else [])
+
+
 def openvino_version() -> str:
     return str(import_openvino().get_version())
 

@@ -183,7 +183,7 @@ def _candidates(wanted: str, auto: bool, engine: str, on_gpu: bool) -> list[Any]
     Raises:
         UsageError: an unknown engine, OpenVINO absent or asked for a precision it lacks.
     """
-    from pneumo_cli.engine.openvino import openvino_available
+    from pneumo_cli.engine.openvino import openvino_available, openvino_precisions
     from pneumo_cli.inference.precision_parity import REFERENCE, Candidate
 
     try:
@@ -194,12 +194,19 @@ def _candidates(wanted: str, auto: bool, engine: str, on_gpu: bool) -> list[Any]
         raise UsageError("--engine openvino runs on the CPU in fp32 or bf16, not fp16")
     if engine == "openvino" and not openvino_available():
         raise UsageError("--engine openvino needs the openvino package: pip install openvino")
+    native = openvino_precisions() if engine != "keras" and openvino_available() else []
+    if engine == "openvino" and wanted not in native:
+        raise UsageError(
+            f"--engine openvino cannot run {wanted} on this CPU (OpenVINO computes "
+            f"{'/'.join(native)} here); use --engine keras or --precision fp32"
+        )
     engines = [engine]
     if engine == "auto":
-        usable = not on_gpu and wanted != "fp16" and openvino_available()
-        engines = ["openvino", "keras"] if usable else ["keras"]
+        engines = ["openvino", "keras"] if native and not on_gpu else ["keras"]
     precisions = [wanted] + (["fp32"] if auto and wanted != "fp32" else [])
-    candidates = [Candidate(e, p) for p in precisions for e in engines]
+    candidates = [
+        Candidate(e, p) for p in precisions for e in engines if e == "keras" or p in native
+    ]
     if auto and engine == "auto" and REFERENCE not in candidates:
         candidates.append(REFERENCE)
     return candidates
