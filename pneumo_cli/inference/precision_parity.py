@@ -130,16 +130,20 @@ def timed_maps(
     network: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 8
 ) -> tuple[np.ndarray, float]:
     """(float32 (N, S, S) maps of uint8 (N, S, S) ``images``, images/s): batches of
-    ``batch_size`` after one untimed warm-up batch."""
+    ``batch_size`` after one untimed warm-up batch; the speed is that of the median full
+    batch (a pause of the machine during one batch does not decide between engines)."""
     network(images[:batch_size])
-    maps, spent = [], 0.0
+    maps, seconds = [], []
     for first in range(0, len(images), batch_size):
+        batch = images[first : first + batch_size]
         began = time.perf_counter()
-        maps.append(np.asarray(network(images[first : first + batch_size]), np.float32))
-        spent += time.perf_counter() - began
+        maps.append(np.asarray(network(batch), np.float32))
+        seconds.append((time.perf_counter() - began) / len(batch))
     size = images.shape[-1]
     stack = np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
-    return stack, (round(len(images) / spent, 2) if spent > 0 else 0.0)
+    full = seconds[: max(1, len(images) // batch_size)]
+    per_image = float(np.median(full)) if full else 0.0
+    return stack, (round(1.0 / per_image, 2) if per_image > 0 else 0.0)
 
 
 def measure(
