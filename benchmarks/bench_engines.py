@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -58,7 +57,8 @@ from machine import machine_line  # benchmarks/machine.py (the script's own fold
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_predict import build_run  # noqa: E402  (same folder; run as a script)
+from bench_export import time_calls  # noqa: E402  (same folder; run as a script)
+from bench_predict import build_run  # noqa: E402
 
 ENGINES = (
     "keras-fp32",
@@ -241,14 +241,7 @@ def images_per_second(run: Runner, batch: np.ndarray, repeats: int) -> tuple[flo
 
 def median_ms(run: Runner, image: np.ndarray, calls: int) -> float:
     """Median milliseconds of ``run(image)`` over ``calls`` calls after 5 warm-up calls."""
-    for _ in range(5):
-        run(image)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run(image)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * time_calls(run, image, calls, warmup=5)
 
 
 def parity(reference: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:

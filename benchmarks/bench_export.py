@@ -65,9 +65,11 @@ def calibrate_batchnorm(run_dir: Path, size: int) -> None:
     save_model(model, run_dir / "best.keras")
 
 
-def time_calls(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
-    """Median seconds of ``run(batch)`` after three warm-up calls."""
-    for _ in range(3):
+def time_calls(
+    run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int, warmup: int = 3
+) -> float:
+    """Median seconds of ``run(batch)`` after ``warmup`` warm-up calls."""
+    for _ in range(warmup):
         run(batch)
     times = []
     for _ in range(repeats):

@@ -296,11 +296,12 @@ def test_without_images_auto_stays_fp32(tiny_run, tmp_path, bf16_cpu):
     assert "as asked, but it could not be checked" in asked.notes[0][1]
 
 
-def test_fp16_without_a_gpu_and_precision_with_an_export_are_usage_errors(tiny_run, tmp_path):
-    from pneumo_cli.engine.precision import gpu_names
+def test_fp16_without_a_gpu_and_precision_with_an_export_are_usage_errors(
+    tiny_run, tmp_path, monkeypatch
+):
+    from pneumo_cli.engine import precision as engine_precision
 
-    if gpu_names():
-        pytest.skip("this machine has a GPU, where fp16 is allowed")
+    monkeypatch.setattr(engine_precision, "gpu_names", lambda: [])  # GPU-less, on any host
     result = invoke("predict", "--run", tiny_run["run"], "--cache", tiny_run["cache"],
                     "--out", tmp_path / "o", "--precision", "fp16")  # fmt: skip
     assert result.exit_code == 2

@@ -68,13 +68,9 @@ class Parity:
 
 def dice_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Mean per-image Dice of two (N, H, W) {0,1} mask stacks; two empty masks score 1."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    scores = []
-    for first, second in zip(a, b, strict=True):
-        total = int(first.sum()) + int(second.sum())
-        overlap = int(np.logical_and(first, second).sum())
-        scores.append(1.0 if total == 0 else 2.0 * overlap / total)
-    return float(np.mean(scores)) if scores else 1.0
+    from pneumo_cli.core.metrics import batch_dice, mean_over_images
+
+    return mean_over_images(batch_dice(a, b, empty_score=1.0)) if len(a) else 1.0
 
 
 def compare_probabilities(

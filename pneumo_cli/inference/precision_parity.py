@@ -109,7 +109,7 @@ def judge(
     precision: str, reference: np.ndarray, candidate: np.ndarray, gate: Gate, inputs: str
 ) -> PrecisionParity:
     """Gate two (N, S, S) float32 probability stacks and judge the candidate's masks."""
-    size = reference.shape[-1] if reference.ndim == 3 else 1
+    size = reference.shape[-1]
     scale = area_scale_for(_ORIGINAL_HW, (size, size))
     ref_masks = np.stack([apply_gate(p, gate, scale) for p in reference])
     cand_masks = np.stack([apply_gate(np.nan_to_num(p), gate, scale) for p in candidate])
@@ -294,14 +294,8 @@ class _Checks:
     build: Callable[[Candidate], Callable[[np.ndarray], np.ndarray]]
     parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None
     notes: list[tuple[str, str]] = field(default_factory=list)
-    networks: dict[Candidate, Any] = field(default_factory=dict)
     images: tuple[np.ndarray, str] | None = None
     reference: tuple[np.ndarray, float] | None = None  # its maps and speed, made once
-
-    def network(self, candidate: Candidate) -> Any:
-        if candidate not in self.networks:
-            self.networks[candidate] = self.build(candidate)
-        return self.networks[candidate]
 
     def check_images(self) -> tuple[np.ndarray, str]:
         from pneumo_cli.inference.run_images import cache_images
@@ -331,8 +325,8 @@ class _Checks:
         if not len(images):
             return None
         if self.reference is None:
-            self.reference = timed_maps(self.network(REFERENCE), images)
-        measured = measure(candidate.precision, self.reference, self.network(candidate), images,
+            self.reference = timed_maps(self.build(REFERENCE), images)
+        measured = measure(candidate.precision, self.reference, self.build(candidate), images,
                            run.gate, inputs)  # fmt: skip
         measured = dataclasses.replace(measured, engine=candidate.engine)
         stored = store_parity(run.run_dir, key, measured)

@@ -190,8 +190,6 @@ def _candidates(wanted: str, auto: bool, engine: str, on_gpu: bool) -> list[Any]
         check_choice(Engine, engine, "--engine")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if engine == "openvino" and wanted == "fp16":
-        raise UsageError("--engine openvino runs on the CPU in fp32 or bf16, not fp16")
     if engine == "openvino" and not openvino_available():
         raise UsageError("--engine openvino needs the openvino package: pip install openvino")
     native = openvino_precisions() if engine != "keras" and openvino_available() else []
