@@ -29,6 +29,7 @@ class Sample:
     image: np.ndarray  # uint8 (S, S)
     mask: np.ndarray | None  # uint8 {0,1} (S, S); None = unlabelled
     split: str
+    fold: int = -1  # cross-validation fold; -1 = none (and always for test images)
 
 
 def synthetic_sample(
@@ -55,8 +56,9 @@ def synthetic_sample(
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
-def write_cache(folder: Path, samples: list[Sample], image_size: int) -> Path:
-    """Write ``samples`` as a cache folder (images/, masks/, manifest.csv, preprocess.json)."""
+def write_cache(folder: Path, samples: list[Sample], image_size: int, folds: int = 0) -> Path:
+    """Write ``samples`` as a cache folder (images/, masks/, manifest.csv, preprocess.json);
+    ``folds`` is the number of cross-validation folds the samples' ``fold`` values use."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
     rows = []
@@ -71,14 +73,15 @@ def write_cache(folder: Path, samples: list[Sample], image_size: int) -> Path:
             area = str(int(sample.mask.sum()))
         rows.append(
             [sample.image_id, f"images/{sample.image_id}.png", mask_rel, label, area,
-             sample.split, "-1", "1024", "1024", "0", "1024", "0", "1024", "0.14", "PA", "F",
-             "50", "", f"raw/{sample.image_id}.dcm"]
+             sample.split, str(sample.fold), "1024", "1024", "0", "1024", "0", "1024", "0.14",
+             "PA", "F", "50", "", f"raw/{sample.image_id}.dcm"]
         )  # fmt: skip
     with open(folder / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         writer.writerows(rows)
-    settings = {"settings": to_dict(PreprocessConfig(image_size=image_size)), "versions": {},
+    config = PreprocessConfig(image_size=image_size, folds=folds)
+    settings = {"settings": to_dict(config), "versions": {},
                 "counts": {"images": len(samples)}, "pneumo_version": "test",
                 "complete": True}  # fmt: skip
     (folder / "preprocess.json").write_text(json.dumps(settings))
@@ -92,17 +95,24 @@ def synthetic_cache(
     n_val: int = 4,
     seed: int = 0,
     train_positive_every: int = 1,
+    folds: int = 0,
 ) -> Path:
     """A cache of synthetic images: train images positive every ``train_positive_every``-th
-    (1 = all positive), val images alternating positive/negative, plus one unlabelled image."""
+    (1 = all positive), val images alternating positive/negative, plus one unlabelled image.
+    With ``folds``, the train and val images are dealt into folds in turn (image i to fold
+    i mod folds), and one labelled test image is added."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n_train):
         image, mask = synthetic_sample(rng, image_size, i % train_positive_every == 0)
-        samples.append(Sample(f"train{i:03d}", image, mask, "train"))
+        samples.append(Sample(f"train{i:03d}", image, mask, "train", i % folds if folds else -1))
     for i in range(n_val):
         image, mask = synthetic_sample(rng, image_size, i % 2 == 0)
-        samples.append(Sample(f"val{i:03d}", image, mask, "val"))
+        fold = (n_train + i) % folds if folds else -1
+        samples.append(Sample(f"val{i:03d}", image, mask, "val", fold))
+    if folds:
+        image, mask = synthetic_sample(rng, image_size, True)
+        samples.append(Sample("test000", image, mask, "test"))
     image, _ = synthetic_sample(rng, image_size, False)
     samples.append(Sample("unlabelled000", image, None, "test"))
-    return write_cache(folder, samples, image_size)
+    return write_cache(folder, samples, image_size, folds)

@@ -20,7 +20,7 @@ _DEFAULTS = TrainConfig()
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
     "steps_per_epoch", "patience", "reduce_lr_patience", "pos_fraction", "augment", "seed",
-    "precision", "input_norm", "scale_lr",
+    "precision", "input_norm", "scale_lr", "fold",
 )  # fmt: skip
 
 
@@ -234,6 +234,24 @@ def train_command(
             "same command on every machine; the chief writes the run.",
         ),
     ] = False,
+    fold: Annotated[
+        int | None,
+        typer.Option(
+            "--fold",
+            min=0,
+            help="Cross-validation fold K of a cache made with --folds N: train on the other "
+            "folds' train and val images, validate on fold K's; test images are never used.",
+        ),
+    ] = None,
+    cv: Annotated[
+        bool,
+        typer.Option(
+            "--cv",
+            help="Train every fold of the cache in turn into one folder (--name, default "
+            "runs/cv: fold0, fold1, ...), usable wherever a run is accepted as the ensemble of "
+            "its folds. The same command, or --resume on the folder, continues a killed sweep.",
+        ),
+    ] = False,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -260,12 +278,25 @@ def train_command(
         key: plain(value) for key, value in options.items() if key in _TUNABLE and value is not None
     }
     _check_usage(given, resume, name, exist_ok)
+    _check_cv_usage(cv, given, exist_ok, multi_worker)
+    from pneumo_cli.training import cv as sweeps
     from pneumo_cli.training.resume import resume_training
+    from pneumo_cli.training.runs import resolve_run
     from pneumo_cli.training.train import train_model
 
     reporter = RichReporter(quiet)
     try:
-        if resume is not None:
+        if resume is not None and sweeps.is_sweep(resolve_run(resume, runs_dir)):
+            if multi_worker:
+                raise typer.BadParameter(
+                    "a sweep continues fold by fold on this machine; drop --multi-worker",
+                    param_hint="'--resume'",
+                )
+            result = sweeps.resume_cross_validation(resolve_run(resume, runs_dir), reporter, gpus)
+        elif cv:
+            config = TrainConfig(cache=str(cache), gpus=gpus, **given)
+            result = sweeps.train_cross_validation(config, runs_dir, name, reporter)
+        elif resume is not None:
             result = resume_training(
                 resume, runs_dir, reporter, gpus=gpus, multi_worker=multi_worker
             )
@@ -305,6 +336,24 @@ def _check_usage(
         )
 
 
+def _check_cv_usage(cv: bool, given: dict[str, Any], exist_ok: bool, multi_worker: bool) -> None:
+    """``--cv`` trains every fold on this machine into its own folder.
+
+    Raises:
+        typer.BadParameter: --cv with --fold, --exist-ok or --multi-worker.
+    """
+    if not cv:
+        return
+    flags = [flag for flag, used in (("--fold", "fold" in given), ("--exist-ok", exist_ok),
+                                     ("--multi-worker", multi_worker)) if used]  # fmt: skip
+    if flags:
+        raise typer.BadParameter(
+            f"it trains every fold in turn on this machine, continuing the sweep the folder "
+            f"holds; drop {', '.join(flags)} (or train one fold with --fold K)",
+            param_hint="'--cv'",
+        )
+
+
 def _render(result: Any, json_output: bool) -> None:
     values = dataclasses.asdict(result)
     console = stdout_console()
@@ -312,6 +361,10 @@ def _render(result: Any, json_output: bool) -> None:
         print_json(values)
         return
     from rich.table import Table
+
+    if "folds" in values:
+        _render_sweep(values)
+        return
 
     table = Table(title="pneumo train", show_header=True)
     table.add_column("field")
@@ -328,6 +381,23 @@ def _render(result: Any, json_output: bool) -> None:
     for key, value in shown.items():
         table.add_row(key, value)
     console.print(table)
+
+
+def _render_sweep(values: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"pneumo train --cv: {values['run_dir']}", show_header=True)
+    for column in ("fold", "run", "status", "epochs", "best epoch", "best val Dice"):
+        table.add_column(column)
+    for fold, row in enumerate(values["folds"]):
+        status = row["status"].replace("_", " ")
+        if fold in values["kept"]:
+            status += " (earlier)"
+        table.add_row(
+            str(fold), row["run_dir"], status, str(row["epochs_done"]),
+            str(row["best_epoch"] or "-"), _number(row["best_val_dice"], 4),
+        )  # fmt: skip
+    stdout_console().print(table)
 
 
 def _number(value: float | None, digits: int) -> str:

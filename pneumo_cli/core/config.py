@@ -255,6 +255,9 @@ class TrainConfig:
     gpus: int | None = None  # None: first GPU if one is visible, else CPU
     train_split: str = Split.train.value
     val_split: str = "val"  # any split name the cache holds
+    # Cross-validation fold K of a cache made with --folds N: train on the other folds' train
+    # and val images, validate on fold K's (test images never); None: train/val splits.
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         check_encoder(self.encoder)
@@ -265,7 +268,7 @@ class TrainConfig:
         if self.image_size is not None:
             check_image_size(self.image_size, "--image-size")
         at_least = {"epochs": 1, "batch_size": 1, "patience": 0, "reduce_lr_patience": 0}
-        at_least |= {"seed": 0, "steps_per_epoch": 1, "gpus": 0}
+        at_least |= {"seed": 0, "steps_per_epoch": 1, "gpus": 0, "fold": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:

@@ -241,6 +241,62 @@ def select_split(cache: CacheInfo, split: str, need_positive: bool = False) -> l
     return chosen
 
 
+def cache_folds(cache: CacheInfo) -> int:
+    """How many cross-validation folds the cache was made with (0: none)."""
+    return int(cache.settings.get("folds") or 0)
+
+
+def select_fold(cache: CacheInfo, fold: int) -> tuple[list[CacheRecord], list[CacheRecord]]:
+    """Cross-validation fold ``fold``: (training records, validation records).
+
+    Training gets the labelled train and val images of every other fold, validation fold
+    ``fold``'s; test images (fold -1) are in neither.
+
+    Raises:
+        InputError: the cache has no folds, ``fold`` is not one of them, or the training
+            records hold no positive image.
+    """
+    manifest = cache.folder / "manifest.csv"
+    folds = cache_folds(cache)
+    if folds < 2:
+        raise InputError(
+            f"cache {cache.folder} has no cross-validation folds; preprocess it again with "
+            "--folds N (N >= 2) to train --fold"
+        )
+    if not 0 <= fold < folds:
+        raise InputError(
+            f"--fold {fold} is not a fold of cache {cache.folder}: its folds are 0..{folds - 1}"
+        )
+    pool = [r for r in cache.records if r.split != "test" and r.fold >= 0]
+    stray = [r for r in pool if r.fold >= folds]
+    if stray:
+        raise InputError(
+            f"{manifest}: {stray[0].image_id} is in fold {stray[0].fold}, but the cache has "
+            f"{folds} folds; recreate the cache"
+        )
+    val = [r for r in pool if r.fold == fold]
+    train = [r for r in pool if r.fold != fold]
+    if not val:
+        raise InputError(f"{manifest}: fold {fold} holds no labelled image; use fewer --folds")
+    if not any(r.positive for r in train):
+        raise InputError(
+            f"{manifest}: the folds other than {fold} hold no image with a pneumothorax; a "
+            "model cannot learn masks from empty images only"
+        )
+    return train, val
+
+
+def fold_roles(cache: CacheInfo, fold: int | None) -> list[tuple[str, str]]:
+    """(ImageId, role) of every labelled record for a run on ``fold`` (None: the splits): the
+    role is the split the run used it as, so `evaluate` never scores a training image as held
+    out."""
+    if fold is None:
+        return [(r.image_id, r.split) for r in cache.records]
+    train, val = select_fold(cache, fold)
+    roles = {r.image_id: "train" for r in train} | {r.image_id: "val" for r in val}
+    return [(r.image_id, roles.get(r.image_id, r.split)) for r in cache.records]
+
+
 def check_record_files(records: list[CacheRecord], image_size: int) -> None:
     """Check that every record's image and mask is an ``image_size`` square PNG, reading only
     each file's header, so a damaged cache is refused before a run starts (not mid-epoch).

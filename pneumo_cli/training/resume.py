@@ -41,6 +41,7 @@ def resume_training(
     gpus: int | None = None,
     cpu_replicas: int = 1,
     multi_worker: bool = False,
+    mark_as_latest: bool = True,
 ) -> TrainResult:
     """Continue an unfinished run from its last epoch: weights, optimizer state, epoch count.
 
@@ -102,7 +103,7 @@ def resume_training(
             f"resuming {run_dir} at epoch {state['epoch'] + 1} on {placement.description}"
         )
     with output_dir_for(placement, runs_dir, None, True, reporter, existing=run_dir) as out_dir:
-        if placement.is_chief:
+        if placement.is_chief and mark_as_latest:
             runs.mark_latest(run_dir)
         return fit_run(
             out_dir, config, scaling, placement, net, optimizer, state, history, reporter
@@ -144,7 +145,8 @@ def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:
         ConfigError: naming ``path``: a setting --resume needs is missing (a default would
             silently replace it), or has the wrong type or an impossible value.
     """
-    needed = [f.name for f in dataclasses.fields(TrainConfig)]
+    # A run from before --fold existed trained on the train/val splits (fold None).
+    needed = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "fold"]
     needed += ["input_scaling", "cache_manifest_sha256"]
     missing = [key for key in needed if key not in saved]
     if missing:

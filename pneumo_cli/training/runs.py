@@ -27,6 +27,8 @@ LAST_MODEL_FILE = "last.keras"
 # Every labelled cache image and its split when the run started: `evaluate` refuses to score,
 # as held out, an image the run trained on.
 SPLITS_FILE = "splits.csv"
+# What makes a folder a cross-validation sweep (`pneumo train --cv`): an ensemble of its folds.
+ENSEMBLE_FILE = "ensemble.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -122,8 +124,11 @@ def resolve_run(
 ) -> Path:
     """The run folder ``run`` names, or the latest run under ``runs_dir`` when ``run`` is None.
 
+    A cross-validation sweep (a folder with ``ensemble.json``) is accepted too: callers that
+    need one run check for it.
+
     Raises:
-        ConfigError: no latest run, or the folder is not a run (no config.json).
+        ConfigError: no latest run, or the folder is neither a run (no config.json) nor a sweep.
     """
     if run is None:
         target = _follow_latest(Path(runs_dir) / LATEST)
@@ -136,7 +141,7 @@ def resolve_run(
         target = Path(run)
         if target.name == LATEST and (target.is_symlink() or target.is_file()):
             target = _follow_latest(target) or target
-    if not (target / CONFIG_FILE).is_file():
+    if not (target / CONFIG_FILE).is_file() and not (target / ENSEMBLE_FILE).is_file():
         raise ConfigError(
             f"{target} is not a pneumo run (no {CONFIG_FILE}); was it written by `pneumo train`?"
         )

@@ -56,4 +56,5 @@ def config_from_run(saved: dict[str, Any], source: str = "config.json") -> Train
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in names}
     values.setdefault("input_norm", "trainable")  # runs from before --input-norm existed
+    values.setdefault("fold", None)  # runs from before --fold existed trained on the splits
     return from_dict(TrainConfig, values, source)

@@ -30,8 +30,11 @@ def load_training_data(config: TrainConfig) -> tuple[data_cache.CacheInfo, list,
             f"cache {cache.folder} holds {cache.image_size} px images but --image-size is "
             f"{config.image_size}; drop --image-size or preprocess again at that size"
         )
-    train_records = data_cache.select_split(cache, config.train_split, need_positive=True)
-    val_records = data_cache.select_split(cache, config.val_split)
+    if config.fold is not None:
+        train_records, val_records = data_cache.select_fold(cache, config.fold)
+    else:
+        train_records = data_cache.select_split(cache, config.train_split, need_positive=True)
+        val_records = data_cache.select_split(cache, config.val_split)
     # Before the run folder exists: a damaged cache must not leave a run of config.json alone.
     data_cache.check_record_files(train_records + val_records, cache.image_size)
     return cache, train_records, val_records

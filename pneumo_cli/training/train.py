@@ -21,6 +21,7 @@ from pneumo_cli import __version__
 from pneumo_cli.core import provenance
 from pneumo_cli.core.config import to_dict
 from pneumo_cli.core.files import atomic_write_json
+from pneumo_cli.data import cache as data_cache
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.model import build, encoders
 from pneumo_cli.training import runs
@@ -54,12 +55,14 @@ def train_model(
     reporter: TrainReporter | None = None,
     cpu_replicas: int = 1,
     multi_worker: bool = False,
+    mark_as_latest: bool = True,
 ) -> TrainResult:
     """Train a new run on ``config.cache`` and write it under ``runs_dir``.
 
     Args:
         multi_worker: join the cluster in ``TF_CONFIG`` (MultiWorkerMirroredStrategy); the chief
             writes the run, the other workers a temporary folder removed at the end.
+        mark_as_latest: point ``runs_dir/latest`` at the run (a sweep's folds do not).
 
     Returns:
         The run's :class:`TrainResult`.
@@ -111,15 +114,17 @@ def train_model(
             "strategy": placement.description,
             "train_images": len(train_records),
             "val_images": len(val_records),
+            "folds": data_cache.cache_folds(cache) if config.fold is not None else 0,
             "versions": provenance.package_versions(),
             "pneumo_version": __version__,
         }
         atomic_write_json(run_dir / runs.CONFIG_FILE, saved)
-        runs.write_splits(run_dir, [(r.image_id, r.split) for r in cache.records])
+        runs.write_splits(run_dir, data_cache.fold_roles(cache, config.fold))
         remove_stale_results(run_dir)
         if placement.is_chief:
             remove_leftovers(run_dir, None)  # of a killed run this one writes over
-            runs.mark_latest(run_dir)
+            if mark_as_latest:
+                runs.mark_latest(run_dir)
         reporter.note(
             f"training {config.encoder} U-Net in {precision} ({reason}) on "
             f"{placement.description}; writing {run_dir}"
