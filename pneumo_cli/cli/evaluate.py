@@ -95,7 +95,7 @@ def evaluate_command(
     offline = predictions is not None or truth is not None
     if offline:
         model_options = {
-            "--run": run is not None,
+            "--run": bool(run),
             "--cache": cache is not None,
             "--split": split is not None,
             "--tta": tta is not Tta.none,

@@ -27,8 +27,13 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 RunOption = Annotated[
-    Path | None,
-    typer.Option("--run", help="Run folder written by `pneumo train` (default: runs/latest)."),
+    list[Path] | None,
+    typer.Option(
+        "--run",
+        help="Run folder written by `pneumo train` (default: runs/latest). Give it several "
+        "times, or a `train --cv` folder, for an ensemble: the members' probability maps are "
+        "averaged before the gate.",
+    ),
 ]
 ModelOption = Annotated[
     Path | None,

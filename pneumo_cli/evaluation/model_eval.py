@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +132,7 @@ class _EvalJob:
 
 
 def evaluate_run(
-    run: str | os.PathLike[str] | None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     *,
     cache: str | os.PathLike[str] | None = None,
     split: str | None = None,
@@ -189,7 +189,7 @@ def evaluate_run(
 
 
 def _open_job(
-    run: str | os.PathLike[str] | None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     cache: str | os.PathLike[str] | None,
     split: str,
     tta: str,

@@ -139,6 +139,11 @@ def model_file_sha256(predictor: Any) -> str:
     model file (its manifest for a SavedModel folder); "" when there is none to hash. A file
     unchanged since it was last hashed (same size and modification time) is not read again:
     predict's job record and the SEG's algorithm source both ask for it."""
+    members = getattr(predictor, "member_dirs", None)  # an ensemble's runs
+    if members is not None:
+        from pneumo_cli.inference.ensemble import members_sha256
+
+        return members_sha256([cached_file_sha256(run / "best.keras") for run in members])
     path = Path(predictor.source)
     info = getattr(predictor, "info", None)  # an exported model's manifest
     model = path / "best.keras" if info is None else Path(info.model_path)

@@ -24,16 +24,25 @@ def job_identity(
     from pneumo_cli.core.config import to_dict
     from pneumo_cli.inference.dicom_outputs import model_file_sha256
 
-    return {
-        "model": str(Path(predictor.source).resolve()),
-        "model_sha256": model_file_sha256(predictor),
-        "gate": asdict(gate),
-        "tta": predictor.tta,
-        "precision": predictor.precision,
-        "engine": predictor.engine,
-        "preprocess": to_dict(predictor.settings),
-        "pneumo_version": __version__,
-    } | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
+    return (
+        {
+            "model": str(Path(predictor.source).resolve()),
+            "model_sha256": model_file_sha256(predictor),
+            "gate": asdict(gate),
+            "tta": predictor.tta,
+            "precision": predictor.precision,
+            "engine": predictor.engine,
+            "preprocess": to_dict(predictor.settings),
+            "pneumo_version": __version__,
+        }
+        | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
+        | _members(predictor)
+    )
+
+
+def _members(predictor: Any) -> dict[str, Any]:
+    members = getattr(predictor, "member_dirs", None)
+    return {"members": [str(run.resolve()) for run in members]} if members else {}
 
 
 def claim_predict_job(out: Path, job: dict[str, Any], overwrite: bool) -> None:

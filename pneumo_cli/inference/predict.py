@@ -328,7 +328,7 @@ def _ordered_map(
 def predict_inputs(
     inputs: Sequence[str | os.PathLike[str]],
     *,
-    run: str | os.PathLike[str] | None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     model: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str],
     cache: str | os.PathLike[str] | None = None,

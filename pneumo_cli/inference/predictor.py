@@ -4,7 +4,7 @@ network (with optional flip TTA) that maps prepared images to probabilities."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,27 +276,31 @@ def check_cache_matches(cache_settings: PreprocessConfig, run: Any, cache: Path)
 
 
 def open_predictor(
-    run: str | os.PathLike[str] | None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     model: str | os.PathLike[str] | None = None,
     tta: str = "none",
     precision: str = "auto",
     parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None = None,
     engine: str = "auto",
 ) -> Any:
-    """A run's :class:`Predictor`, or with ``model`` an exported model's predictor.
+    """A run's :class:`Predictor`; for several runs or a cross-validation sweep their
+    :class:`~pneumo_cli.inference.ensemble.EnsemblePredictor`; with ``model`` an exported
+    model's predictor.
 
-    Both offer ``settings``, ``gate``, ``tta``, ``image_size``, ``source``, ``precision``,
+    All offer ``settings``, ``gate``, ``tta``, ``image_size``, ``source``, ``precision``,
     ``precision_reason``, ``precision_check``, ``notes`` and
     ``probabilities(uint8 (B, S, S)) -> float32 (B, S, S)``. An ONNX export loads without
     TensorFlow; it computes in the precision it was exported in, so only ``precision`` auto
     fits it (or fp32 for a float32 export).
 
     Raises:
-        ConfigError: both ``run`` and ``model`` given, or what the loaders raise.
+        ConfigError: both ``run`` and ``model`` given, members that disagree, or what the
+            loaders raise.
         UsageError: a precision the model cannot run in.
     """
+    given = [run] if isinstance(run, (str, os.PathLike)) else list(run or [])
     if model is not None:
-        if run is not None:
+        if given:
             raise ConfigError("give --run or --model, not both")
         from pneumo_cli.inference.exported import load_exported_predictor
 
@@ -313,6 +317,9 @@ def open_predictor(
                 "drop --precision"
             )
         return exported
-    from pneumo_cli.training.runs import resolve_run
+    from pneumo_cli.inference.ensemble import load_ensemble, resolve_members
 
-    return load_predictor(resolve_run(run), tta, precision, parity_inputs, engine)
+    members = resolve_members(given)
+    if len(members.runs) == 1 and not members.sweep:
+        return load_predictor(members.runs[0], tta, precision, parity_inputs, engine)
+    return load_ensemble(members, tta, precision, parity_inputs, engine)

@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,9 @@ class ServeSummary:
 
 
 def model_settings(
-    run: str | os.PathLike[str] | None, model: str | os.PathLike[str] | None, tta: str
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    model: str | os.PathLike[str] | None,
+    tta: str,
 ) -> Any:
     """The preprocessing settings of a run or export, read without loading its model.
 
@@ -77,21 +80,22 @@ def model_settings(
 
     check_choice(Tta, tta, "--tta")
     if model is not None:
-        if run is not None:
+        if run:
             raise ConfigError("give --run or --model, not both")
         from pneumo_cli.inference.exported import read_export
 
         return read_export(model).settings
+    from pneumo_cli.inference.ensemble import resolve_members
     from pneumo_cli.inference.predictor import open_run_for_inference
-    from pneumo_cli.training.runs import resolve_run
 
-    return open_run_for_inference(resolve_run(run)).settings
+    opened = [open_run_for_inference(member) for member in resolve_members(run).runs]
+    return max(opened, key=lambda o: o.image_size).settings
 
 
 def serve(
     settings: ServeSettings,
     *,
-    run: str | os.PathLike[str] | None = None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     model: str | os.PathLike[str] | None = None,
     tta: str = "none",
     precision: str = "auto",

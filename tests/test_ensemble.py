@@ -1,0 +1,188 @@
+"""Ensembles: several runs or a cross-validation sweep predicting as one (64/96 px, resnet18).
+
+The members are barely trained: the tests check the averaging, the checks and the plumbing,
+not accuracy (the README has the demo data's measurements).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pneumo_cli.cli.main import app
+from pneumo_cli.core.config import PreprocessConfig, TrainConfig
+from pneumo_cli.data.imaging import resize_image
+from pneumo_cli.inference.ensemble import EnsemblePredictor, resolve_members
+from pneumo_cli.inference.postprocess import Gate
+from pneumo_cli.inference.predictor import load_predictor, open_predictor
+from pneumo_cli.inference.sources import cache_sources
+
+pytestmark = pytest.mark.slow
+
+runner = CliRunner()
+QUICK = dict(
+    encoder="resnet18", encoder_weights="none", batch_size=4, epochs=1, steps_per_epoch=2,
+    patience=0, gpus=0, precision="fp32", augment=False, input_norm="trainable",
+)  # fmt: skip
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def members(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 3-fold sweep at 64 px, a run at 96 px and one without CLAHE, all from the demo
+    images of ``tiny_run``."""
+    from pneumo_cli.data.preprocess import run_preprocess
+    from pneumo_cli.training import cv, train
+
+    root = tmp_path_factory.mktemp("ensemble")
+    raw, rle = tiny_run["raw"], tiny_run["raw"] / "train-rle.csv"
+    caches = {}
+    for name, settings in (
+        ("folded", PreprocessConfig(image_size=64, folds=3)),
+        ("large", PreprocessConfig(image_size=96)),
+        ("flat", PreprocessConfig(image_size=64, clahe=False)),
+    ):
+        caches[name] = root / name
+        run_preprocess(raw, caches[name], settings, rle_csv=rle, workers=1)
+    sweep = cv.train_cross_validation(
+        TrainConfig(cache=str(caches["folded"]), **QUICK), root / "runs", "cv"
+    )
+    large = train.train_model(TrainConfig(cache=str(caches["large"]), **QUICK), root / "runs",
+                              "large")  # fmt: skip
+    flat = train.train_model(TrainConfig(cache=str(caches["flat"]), **QUICK), root / "runs",
+                             "flat")  # fmt: skip
+    return {
+        "caches": caches,
+        "sweep": Path(sweep.run_dir),
+        "folds": [Path(r.run_dir) for r in sweep.folds],
+        "large": Path(large.run_dir),
+        "flat": Path(flat.run_dir),
+    }
+
+
+def _test_images(cache: Path) -> np.ndarray:
+    sources, load = cache_sources(cache, "test")
+    return np.stack([load(row).image for _, row in sources])
+
+
+def test_an_ensemble_of_one_run_is_that_run(members: dict) -> None:
+    run = members["folds"][0]
+    single = load_predictor(run, precision="fp32", engine="keras")
+    images = _test_images(members["caches"]["folded"])
+    alone = single.probabilities(images)
+    # Through --run given once, and through the averaging code with one member: the same maps.
+    given_once = open_predictor([run], precision="fp32", engine="keras")
+    assert given_once.source == run and given_once.gate == single.gate
+    np.testing.assert_array_equal(given_once.probabilities(images), alone)
+    of_one = EnsemblePredictor(run, [single], single.gate, "members' own", sweep=False)
+    np.testing.assert_array_equal(of_one.probabilities(images), alone)
+
+
+def test_two_members_average_their_maps(members: dict, tmp_path: Path) -> None:
+    first, second = members["folds"][:2]
+    images = _test_images(members["caches"]["folded"])
+    by_hand = np.mean(
+        [load_predictor(run, precision="fp32", engine="keras").probabilities(images)
+         for run in (first, second)],
+        axis=0,
+    )  # fmt: skip
+    pair = open_predictor([first, second], precision="fp32", engine="keras")
+    assert isinstance(pair, EnsemblePredictor) and pair.member_dirs == [first, second]
+    np.testing.assert_allclose(pair.probabilities(images), by_hand, rtol=0, atol=1e-6)
+
+    # End to end: predict's max_prob per image is the peak of the averaged map.
+    out = tmp_path / "pred"
+    result = invoke(
+        "predict", "--cache", members["caches"]["folded"], "--split", "test", "--run", first,
+        "--run", second, "--precision", "fp32", "--engine", "keras", "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv", newline="") as handle:
+        peaks = {row["ImageId"]: float(row["max_prob"]) for row in csv.DictReader(handle)}
+    sources, _ = cache_sources(members["caches"]["folded"], "test")
+    expected = {
+        image_id: round(float(m.max()), 6)
+        for (image_id, _), m in zip(sources, by_hand, strict=True)
+    }
+    assert peaks == pytest.approx(expected, abs=2e-6)
+    job = json.loads((out / "job.json").read_text())
+    assert job["members"] == [str(first.resolve()), str(second.resolve())]
+
+
+def test_members_of_different_sizes_are_averaged_on_the_largest_grid(members: dict) -> None:
+    import cv2
+
+    small, large = members["folds"][0], members["large"]
+    images = _test_images(members["caches"]["large"])  # prepared at 96 px
+    small_net = load_predictor(small, precision="fp32", engine="keras")
+    large_net = load_predictor(large, precision="fp32", engine="keras")
+    shrunk = np.stack([resize_image(image, 64) for image in images])
+    small_maps = [cv2.resize(m, (96, 96), interpolation=cv2.INTER_LINEAR)
+                  for m in small_net.probabilities(shrunk)]  # fmt: skip
+    by_hand = (np.stack(small_maps) + large_net.probabilities(images)) / 2
+    pair = open_predictor([small, large], precision="fp32", engine="keras")
+    assert pair.image_size == 96 and pair.settings.image_size == 96
+    np.testing.assert_allclose(pair.probabilities(images), by_hand, rtol=0, atol=1e-6)
+
+
+def test_a_sweep_folder_is_the_ensemble_of_its_folds(members: dict, tmp_path: Path) -> None:
+    resolved = resolve_members(members["sweep"])
+    assert resolved.sweep and list(resolved.runs) == members["folds"]
+    out = tmp_path / "pred"
+    result = invoke("predict", "--cache", members["caches"]["folded"], "--split", "test",
+                    "--run", members["sweep"], "--out", out, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = json.loads((out / "job.json").read_text())
+    assert job["model"] == str(members["sweep"].resolve())
+    assert job["members"] == [str(run.resolve()) for run in members["folds"]]
+    assert len(job["model_sha256"]) == 64
+
+
+def test_mismatched_or_unfinished_members_are_refused(members: dict, tmp_path: Path) -> None:
+    cache = members["caches"]["folded"]
+    result = invoke("predict", "--cache", cache, "--split", "test", "--run", members["folds"][0],
+                    "--run", members["flat"], "--out", tmp_path / "o")  # fmt: skip
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert str(members["flat"]) in line and "clahe False" in line and "clahe True" in line
+    assert not (tmp_path / "o").exists()
+
+    result = invoke("predict", "--cache", cache, "--split", "test", "--run", members["folds"][0],
+                    "--run", members["folds"][0], "--out", tmp_path / "o")  # fmt: skip
+    assert result.exit_code == 1 and "in the ensemble twice" in result.stderr
+
+    # A sweep whose fold 2 is unfinished (its state says so) is not yet an ensemble.
+    import shutil
+
+    copy = tmp_path / "cv"
+    shutil.copytree(members["sweep"], copy)
+    state = json.loads((copy / "fold2" / "state.json").read_text())
+    (copy / "fold2" / "state.json").write_text(json.dumps({**state, "status": "interrupted"}))
+    result = invoke("predict", "--cache", cache, "--split", "test", "--run", copy,
+                    "--out", tmp_path / "o")  # fmt: skip
+    assert result.exit_code == 1
+    assert "fold 2 of" in result.stderr and f"pneumo train --resume {copy}" in result.stderr
+
+
+def test_members_with_different_gates_fall_back_to_the_default_with_a_note(
+    members: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pneumo_cli.inference.postprocess import save_gate
+
+    first = tmp_path / "first"
+    shutil.copytree(members["folds"][0], first)
+    save_gate(first / "postprocess.json", Gate(top_threshold=0.7, bottom_threshold=0.4))
+    pair = open_predictor([first, members["folds"][1]], precision="fp32", engine="keras")
+    assert pair.gate == Gate()
+    assert any("different post-processing gates" in text for _, text in pair.notes)
