@@ -186,3 +186,98 @@ def test_members_with_different_gates_fall_back_to_the_default_with_a_note(
     pair = open_predictor([first, members["folds"][1]], precision="fp32", engine="keras")
     assert pair.gate == Gate()
     assert any("different post-processing gates" in text for _, text in pair.notes)
+
+
+def _per_image(folder: Path) -> dict[str, dict[str, str]]:
+    with open(folder / "per_image.csv", newline="") as handle:
+        return {row["ImageId"]: row for row in csv.DictReader(handle)}
+
+
+def test_out_of_fold_scores_every_train_and_val_image_once_by_its_own_fold(
+    members: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pneumo_cli.data.cache import load_manifest
+    from pneumo_cli.evaluation.model_eval import evaluate_run
+
+    sweep = tmp_path / "cv"
+    shutil.copytree(members["sweep"], sweep)  # --tune writes the sweep's gate
+    cache = members["caches"]["folded"]
+    result = evaluate_run(sweep, cache=cache, tune=True, precision="fp32", engine="keras")
+    metrics = result.evaluation.metrics
+    assert metrics["mode"] == "out-of-fold" and metrics["split"] == "oof"
+    assert result.out_dir == sweep / "eval-oof"
+
+    manifest = load_manifest(cache)
+    pool = manifest[(manifest["split"] != "test") & (manifest["mask"] != "")]
+    rows = _per_image(result.out_dir)
+    assert sorted(rows) == sorted(pool["ImageId"])  # each labelled train/val image, once
+    # Each image's map is its own fold's model's: the peaks agree with that model alone.
+    sources, load = cache_sources(cache, "train")
+    val_sources, _ = cache_sources(cache, "val")
+    fold_of = dict(zip(pool["ImageId"], pool["fold"].astype(int), strict=True))
+    for k, run in enumerate(members["folds"]):
+        mine = [row for image_id, row in sources + val_sources if fold_of.get(image_id) == k]
+        net = load_predictor(run, precision="fp32", engine="keras")
+        peaks = net.probabilities(np.stack([load(row).image for row in mine])).max(axis=(1, 2))
+        for row, peak in zip(mine, peaks, strict=True):
+            assert float(rows[row["ImageId"]]["max_prob"]) == pytest.approx(peak, abs=1e-6)
+    by_fold = {Path(entry["run"]).name: entry for entry in metrics["members"]}
+    assert list(by_fold) == ["fold0", "fold1", "fold2"]
+    assert [by_fold[f"fold{k}"]["images"] for k in range(3)] == [
+        int((pool["fold"].astype(int) == k).sum()) for k in range(3)
+    ]
+    assert all(entry["scored_on"] == "its own validation fold" for entry in by_fold.values())
+
+    # The tuned gate is the sweep's, and the test split is scored by the ensemble with it.
+    saved = json.loads((sweep / "postprocess.json").read_text())
+    assert saved == metrics["gate"]
+    test = evaluate_run(sweep, cache=cache, split="test", precision="fp32", engine="keras")
+    assert test.evaluation.metrics["gate"] == saved
+    assert test.evaluation.metrics["gate_source"] == str(sweep / "postprocess.json")
+    assert test.evaluation.metrics["mode"] == "ensemble"
+    assert len(test.evaluation.metrics["members"]) == 3
+    report = (test.out_dir / "report.html").read_text()
+    assert "Members and ensemble" in report and "fold2" in report
+    assert "Each fold's model on its own fold" in (result.out_dir / "report.html").read_text()
+
+
+def test_each_member_beside_the_ensemble_scores_as_it_does_alone(
+    members: dict, tmp_path: Path
+) -> None:
+    from pneumo_cli.evaluation.model_eval import evaluate_run
+
+    cache = members["caches"]["folded"]
+    pair = members["folds"][:2]
+    together = evaluate_run(pair, cache=cache, split="test", out_dir=tmp_path / "pair",
+                            precision="fp32", engine="keras")  # fmt: skip
+    beside = {entry["run"]: entry for entry in together.evaluation.metrics["members"]}
+    for run in pair:
+        alone = evaluate_run(run, cache=cache, split="test", out_dir=tmp_path / run.name,
+                             precision="fp32", engine="keras").evaluation.metrics  # fmt: skip
+        for key in ("mean_dice", "positive_mean_dice", "mean_iou"):
+            assert beside[str(run)][key] == alone[key], key
+        assert beside[str(run)]["images"] == alone["n_images"]
+
+
+def test_evaluate_refuses_what_an_ensemble_cannot_do(members: dict, tmp_path: Path) -> None:
+    cache, sweep = members["caches"]["folded"], members["sweep"]
+    first, second = members["folds"][:2]
+    result = invoke("evaluate", "--run", sweep, "--cache", cache, "--split", "val")
+    assert result.exit_code == 1 and "drop --split to score (and --tune) it out of fold" in (
+        result.stderr
+    )
+    result = invoke("evaluate", "--run", first, "--run", second, "--cache", cache, "--tune",
+                    "--out", tmp_path / "t")  # fmt: skip
+    assert result.exit_code == 1 and "nowhere to keep the gate" in result.stderr
+    result = invoke("evaluate", "--run", first, "--run", second, "--cache", cache,
+                    "--split", "test")  # fmt: skip
+    assert result.exit_code == 2 and "give --out" in result.stderr
+    # A fold's own model refuses the cache's val split: it trained on some of those images.
+    result = invoke("evaluate", "--run", first, "--cache", cache, "--split", "val",
+                    "--out", tmp_path / "v")  # fmt: skip
+    assert result.exit_code == 1 and "training images would be scored as held out" in (
+        result.stderr
+    )
+    assert not (tmp_path / "t").exists() and not (tmp_path / "v").exists()

@@ -46,9 +46,13 @@ def evaluate_command(
         int, typer.Option("--width", min=1, help="Offline mode: image width of the RLE.")
     ] = 1024,
     run: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            "--run", help="Model mode: the run folder to evaluate [default: runs/latest]."
+            "--run",
+            help="Model mode: the run folder to evaluate [default: runs/latest]; several times "
+            "for an ensemble (needs --out), or a `train --cv` folder: scored out of fold "
+            "without --split (each fold's model on its own fold), the ensemble with --split "
+            "test.",
         ),
     ] = None,
     cache: Annotated[
@@ -57,7 +61,11 @@ def evaluate_command(
     ] = None,
     split: Annotated[
         Split | None,
-        typer.Option("--split", help="Model mode: split to score [default: the run's val split]."),
+        typer.Option(
+            "--split",
+            help="Model mode: split to score [default: the run's val split; out of fold for a "
+            "`train --cv` folder].",
+        ),
     ] = None,
     tta: Annotated[
         Tta, typer.Option("--tta", help="Model mode: test-time augmentation.")
@@ -68,8 +76,8 @@ def evaluate_command(
         bool,
         typer.Option(
             "--tune",
-            help="Model mode, val only: grid-search the post-processing gate and save the best "
-            "as <run>/postprocess.json.",
+            help="Model mode, val only (out of fold for a `train --cv` folder): grid-search the "
+            "post-processing gate and save the best as <run>/postprocess.json.",
         ),
     ] = False,
     at: Annotated[
@@ -151,7 +159,7 @@ def _evaluate_offline(
 
 
 def _evaluate_model(
-    run: Path | None,
+    run: list[Path] | None,
     cache: Path | None,
     split: Split | None,
     tta: Tta,
@@ -181,12 +189,39 @@ def _evaluate_model(
     if result.tuned and not json_output:
         _render_tuning(result.tuned)
     _render(result.evaluation.metrics, json_output)
+    if not json_output and result.evaluation.metrics.get("members"):
+        _render_members(result.evaluation.metrics)
     if not quiet:
         if result.tuned:
-            print_note(f"saved the best gate to {result.written['metrics.json'].parent.parent}")
+            print_note(f"saved the best gate as {result.run_dir / 'postprocess.json'}")
         print_note(
             f"wrote the evaluation to {result.out_dir}/ (open {result.written['report.html']})"
         )
+
+
+def _render_members(metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from pneumo_cli.cli.console import stdout_console
+
+    title = f"members and ensemble ({metrics['split']})"
+    if metrics["mode"] == "out-of-fold":
+        title = "out of fold: each fold's model on its own fold"
+    table = Table(title=title)
+    for column in ("model", "images", "mean Dice", "Dice, positives", "mean IoU"):
+        table.add_column(column, justify="right")
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    for row in metrics["members"]:
+        table.add_row(row["run"], str(row["images"]), number(row["mean_dice"]),
+                      number(row["positive_mean_dice"]), number(row["mean_iou"]))  # fmt: skip
+    whole = "all folds" if metrics["mode"] == "out-of-fold" else "ensemble"
+    table.add_row(whole, str(metrics["n_images"]), number(metrics["mean_dice"]),
+                  number(metrics["positive_mean_dice"]), number(metrics["mean_iou"]),
+                  style="bold")  # fmt: skip
+    stdout_console().print(table)
 
 
 def _render_tuning(tuned: list[Any]) -> None:

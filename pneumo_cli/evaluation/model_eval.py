@@ -24,7 +24,7 @@ import numpy as np
 
 from pneumo_cli.core.choices import Resolution, Split, check_choice
 from pneumo_cli.core.config import to_dict
-from pneumo_cli.core.errors import ConfigError, InputError
+from pneumo_cli.core.errors import ConfigError, InputError, UsageError
 from pneumo_cli.core.files import ensure_output_dir, remove_stale_temporaries
 from pneumo_cli.core.progress import ProgressFactory, stage
 from pneumo_cli.inference.postprocess import (
@@ -59,14 +59,26 @@ class _Scored:
     row: Any
     item: Any
     prob: np.ndarray
+    part: str = ""  # out of fold: the fold model that made the map
 
 
 def _predict_split(
-    predictor: Any, sources: list, load: Callable, batch_size: int, workers: int, progress: Any
+    predictor: Any,
+    sources: list,
+    load: Callable,
+    batch_size: int,
+    workers: int,
+    progress: Any,
+    part: str = "",
+    on_members: Callable[[Any, Any, np.ndarray], None] | None = None,
 ) -> list[_Scored]:
+    """The maps of ``sources``; with ``on_members`` (an ensemble) each image's members' maps
+    (M, S, S) are passed to it as they come, and only their mean is kept."""
     from pneumo_cli.inference.predict import predict_items
     from pneumo_cli.inference.sources import Rejected
 
+    if on_members is not None:
+        predictor = _MembersAndMean(predictor)
     rows = {image_id: row for image_id, row in sources}
     scored: list[_Scored] = []
     with ThreadPoolExecutor(workers) as pool:
@@ -81,11 +93,27 @@ def _predict_split(
             if isinstance(result, Rejected):
                 raise InputError(f"cached image {result.source} unreadable: {result.reason}")
             item, prob = result
+            if on_members is not None:
+                on_members(item, rows[item.image_id], prob[1:])
+                prob = prob[0]
             # Kept in float32, exactly as `pneumo predict` gates it: a float16 copy rounds values
             # near a threshold (0.5002 -> 0.5) and so scored masks predict would not write.
-            scored.append(_Scored(rows[item.image_id], item, np.asarray(prob, np.float32)))
+            scored.append(_Scored(rows[item.image_id], item, np.asarray(prob, np.float32), part))
             progress(1)
     return scored
+
+
+class _MembersAndMean:
+    """An ensemble whose ``probabilities`` gives, per image, (1 + M, S, S): the ensemble's map
+    (the members' mean, exactly as the ensemble computes it) then each member's."""
+
+    def __init__(self, ensemble: Any) -> None:
+        self.ensemble = ensemble
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        maps = self.ensemble.member_probabilities(images)
+        mean = self.ensemble.mean_of(maps)
+        return np.stack([mean, *maps], axis=1)
 
 
 def _read_truth(cache: Path, image_ids: set[str]) -> dict[str, str]:
@@ -117,18 +145,37 @@ def _crop_scale(item: Any, size: int) -> float:
 
 
 @dataclass(frozen=True)
+class _Part:
+    """Images one network scores: every image with the run's (or ensemble's) predictor, or out
+    of fold one fold's images with that fold's model (``name`` its folder)."""
+
+    name: str
+    predictor: Any
+    labelled: list[tuple[str, Any]]
+
+
+@dataclass(frozen=True)
 class _EvalJob:
-    """A checked evaluation request: the loaded run, its cache split and the output folder."""
+    """A checked evaluation request: the loaded run or ensemble, its cache split (or, out of
+    fold, each fold's images) and the output folder."""
 
     run_dir: Path
     predictor: Any
     cache_dir: Path
     split: str
     at: str
-    labelled: list[tuple[str, Any]]
+    parts: list[_Part]
     unlabelled: int
     load: Callable
     out: Path
+    mode: str  # "run", "ensemble" (members scored beside it) or "out-of-fold"
+
+    @property
+    def labelled(self) -> list[tuple[str, Any]]:
+        return [source for part in self.parts for source in part.labelled]
+
+
+OUT_OF_FOLD = "oof"
 
 
 def evaluate_run(
@@ -146,7 +193,14 @@ def evaluate_run(
     workers: int | None = None,
     progress: ProgressFactory | None = None,
 ) -> RunEvaluation:
-    """Score a run on one split of its cache (see the module docstring).
+    """Score a run, an ensemble or a cross-validation sweep on one split of its cache (see the
+    module docstring).
+
+    A sweep without ``split`` (or with ``tune``) is scored out of fold: each fold's model on its
+    own validation fold only, so every labelled train and val image is scored once, by the one
+    model that did not train on it; ``tune`` tunes one gate on all of them and saves it as the
+    sweep's ``postprocess.json``, which ``split="test"`` then applies to the ensemble. An
+    ensemble is scored with each member beside it (metrics.json ``members``).
 
     ``precision`` and ``engine`` are resolved as `pneumo predict` resolves them
     (:func:`~pneumo_cli.inference.predictor.load_predictor`), so the maps scored are those
@@ -154,20 +208,24 @@ def evaluate_run(
     stage (:mod:`pneumo_cli.core.progress`).
 
     Raises:
-        ConfigError: tuning on anything but val, unknown split or resolution, a cache made with
-            other preprocessing settings than the run's.
+        ConfigError: tuning on anything but val (out of fold for a sweep), tuning runs given one
+            by one, unknown split or resolution, a cache made with other preprocessing settings
+            than the run's, a split that holds images a member trained on.
         InputError: no run or model, the split absent or without labelled images, no truth.
     """
     from pneumo_cli.evaluation.results import select_cases
     from pneumo_cli.evaluation.scoring import score_counts, write_evaluation
     from pneumo_cli.inference.outputs import write_predictions
 
-    job = _open_job(
-        run, cache, split or Split.val.value, tta, (precision, engine), tune, at, out_dir
-    )
+    job = _open_job(run, cache, split, tta, (precision, engine), tune, at, out_dir)
     workers = workers or os.cpu_count() or 1
+    member_counts: dict[str, list] = {}
+    on_members = _member_scorer(job, member_counts) if job.mode == "ensemble" else None
+    scored: list[_Scored] = []
     with stage(progress, f"predicting {job.split}", len(job.labelled)) as advance:
-        scored = _predict_split(job.predictor, job.labelled, job.load, batch_size, workers, advance)
+        for part in job.parts:
+            scored += _predict_split(part.predictor, part.labelled, job.load, batch_size, workers,
+                                     advance, part.name, on_members)  # fmt: skip
     tuned: list[Any] = []
     gate = job.predictor.gate
     if tune:
@@ -179,6 +237,8 @@ def evaluate_run(
         counts, records = _score(job, scored, gate, workers, advance)
     details = _details(job, gate, tta, tuned)
     evaluation = score_counts(*counts, details)
+    if job.mode != "run":
+        evaluation.metrics["members"] = _member_metrics(job, evaluation, scored, member_counts)
     cases = select_cases(evaluation.rows)
     panels = _report_panels(evaluation, cases, scored, job.cache_dir, gate, job.out)
     if records:
@@ -191,7 +251,7 @@ def evaluate_run(
 def _open_job(
     run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     cache: str | os.PathLike[str] | None,
-    split: str,
+    split: str | None,
     tta: str,
     precision: tuple[str, str],
     tune: bool,
@@ -202,32 +262,95 @@ def _open_job(
     the slow part (the output folder too, so a bad --out fails at once)."""
     from pneumo_cli.data.cache import load_cache_settings
     from pneumo_cli.evaluation.leakage import check_split_unchanged
-    from pneumo_cli.inference.predictor import check_cache_matches, load_predictor
+    from pneumo_cli.inference.ensemble import resolve_members
+    from pneumo_cli.inference.predictor import check_cache_matches, open_predictor
     from pneumo_cli.inference.sources import cache_sources
-    from pneumo_cli.training.runs import resolve_run
 
-    check_choice(Split, split, "--split")
-    check_choice(Resolution, at, "--at")
-    if tune and split != Split.val:
+    members = resolve_members(run)
+    out_of_fold = members.sweep and split is None
+    if members.sweep and split == Split.val:
         raise ConfigError(
-            f"--tune on the {split} split is refused: tune the gate on val, then score test once"
+            f"{members.source} is a cross-validation sweep: every val image trained some of its "
+            "folds; drop --split to score (and --tune) it out of fold, or use --split test"
         )
-    run_dir = resolve_run(run)
-    predictor = load_predictor(run_dir, tta, precision[0], engine=precision[1])
+    split = OUT_OF_FOLD if out_of_fold else (split or Split.val.value)
+    if not out_of_fold:
+        check_choice(Split, split, "--split")
+    check_choice(Resolution, at, "--at")
+    if tune and split not in (Split.val, OUT_OF_FOLD):
+        raise ConfigError(
+            f"--tune on the {split} split is refused: tune the gate on val (out of fold for a "
+            "sweep), then score test once"
+        )
+    if tune and len(members.runs) > 1 and not members.sweep:
+        raise ConfigError(
+            "--tune on runs given one by one has nowhere to keep the gate: train them as one "
+            "sweep (`pneumo train --cv`) and tune it out of fold, or tune each run"
+        )
+    if out_dir is None and len(members.runs) > 1 and not members.sweep:
+        raise UsageError(
+            "runs given one by one have no folder of their own for the evaluation; give --out"
+        )
+    predictor = open_predictor(list(members.runs) if not members.sweep else members.source,
+                               None, tta, precision[0], engine=precision[1])  # fmt: skip
+    member_predictors = getattr(predictor, "members", [predictor])
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
-    sources, load = cache_sources(cache_dir, split)
-    check_split_unchanged(run_dir, predictor.config, cache_dir, split, [i for i, _ in sources])
+    if out_of_fold:
+        parts, load, unlabelled = _fold_parts(cache_dir, member_predictors)
+        for part in parts:
+            ids = [i for i, _ in part.labelled]
+            check_split_unchanged(part.predictor.run_dir, part.predictor.config, cache_dir,
+                                  "val", ids)  # fmt: skip
+    else:
+        sources, load = cache_sources(cache_dir, split)
+        for member in member_predictors:
+            ids = [i for i, _ in sources]
+            check_split_unchanged(member.run_dir, member.config, cache_dir, split, ids)
+        labelled = [(i, row) for i, row in sources if row["mask"]]
+        parts = [_Part("", predictor, labelled)]
+        unlabelled = len(sources) - len(labelled)
     out = ensure_output_dir(
-        Path(out_dir) if out_dir is not None else run_dir / f"eval-{split}", cache_dir
+        Path(out_dir) if out_dir is not None else members.source / f"eval-{split}", cache_dir
     )
     remove_stale_temporaries(out)
     remove_stale_temporaries(out / "overlays")
-    labelled = [(i, row) for i, row in sources if row["mask"]]
-    if not labelled:
+    if not any(part.labelled for part in parts):
         raise InputError(f"split '{split}' of {cache_dir} has no labelled image to score")
-    unlabelled = len(sources) - len(labelled)
-    return _EvalJob(run_dir, predictor, cache_dir, split, at, labelled, unlabelled, load, out)
+    mode = "out-of-fold" if out_of_fold else ("ensemble" if len(member_predictors) > 1 else "run")
+    return _EvalJob(members.source, predictor, cache_dir, split, at, parts, unlabelled, load, out,
+                    mode)  # fmt: skip
+
+
+def _fold_parts(cache_dir: Path, folds: list[Any]) -> tuple[list[_Part], Callable, int]:
+    """Out of fold: fold K's labelled train and val images, to be scored by fold K's model.
+
+    Raises:
+        ConfigError: a member that is not fold K of this cache's folds.
+    """
+    from pneumo_cli.inference.sources import cache_sources
+
+    pool: list[tuple[str, Any]] = []
+    load: Callable | None = None
+    for split in (Split.train.value, Split.val.value):
+        try:
+            sources, load = cache_sources(cache_dir, split)
+        except InputError:
+            continue  # a cache may lack one of the two splits
+        pool += sources
+    parts = []
+    for k, member in enumerate(folds):
+        if member.config.get("fold") != k:
+            raise ConfigError(
+                f"{member.run_dir} is not fold {k} of its sweep (its config.json says fold "
+                f"{member.config.get('fold')}); train the sweep again"
+            )
+        mine = [(i, row) for i, row in pool if int(row["fold"]) == k and row["mask"]]
+        parts.append(_Part(member.run_dir.name, member, mine))
+    unlabelled = sum(1 for _, row in pool if not row["mask"])
+    if load is None:
+        raise InputError(f"{cache_dir}/manifest.csv has no train or val images to score")
+    return parts, load, unlabelled
 
 
 def _tune_gate(job: _EvalJob, scored: list[_Scored], advance: Callable) -> list[Any]:
@@ -250,22 +373,12 @@ def _score(
     """Per-image overlap counts under ``gate`` (in original or model pixels, as ``job.at``
     says) and, at original resolution, the predictions.csv records `pneumo predict` writes."""
     from pneumo_cli.core.metrics import overlap_counts
-    from pneumo_cli.inference.outputs import output_row
-    from pneumo_cli.io.rle import decode_union
 
-    size = job.predictor.image_size
-    at_original = job.at == Resolution.original
     ids = {s.item.image_id for s in scored}
-    truth_rle = _read_truth(job.cache_dir, ids) if at_original else {}
+    truth_rle = _read_truth(job.cache_dir, ids) if job.at == Resolution.original else {}
 
     def image_masks(entry: _Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
-        if not at_original:
-            pred = apply_gate(entry.prob, gate, area_scale=_crop_scale(entry.item, size))
-            return _cached_mask(job.cache_dir, entry.row), pred, None
-        item = entry.item
-        record, pred, _ = output_row(item.image_id, entry.prob, item, gate, keep_probs=False)
-        height, width = item.original_shape
-        return decode_union([truth_rle[item.image_id]], height, width), pred, record
+        return _masks(job, entry.item, entry.row, entry.prob, gate, truth_rle)
 
     columns: tuple[list, ...] = ([], [], [], [], [])
     records = []
@@ -283,13 +396,78 @@ def _score(
     return columns, records
 
 
+def _masks(
+    job: _EvalJob, item: Any, row: Any, prob: np.ndarray, gate: Gate, truth_rle: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """(truth, predicted mask, predictions.csv record or None) of one map, at the resolution
+    ``job.at`` says: original pixels (through resize and crop, against ``truth.csv``) or the
+    cached size (against the cached mask)."""
+    from pneumo_cli.inference.outputs import output_row
+    from pneumo_cli.io.rle import decode_union
+
+    if job.at != Resolution.original:
+        pred = apply_gate(prob, gate, area_scale=_crop_scale(item, prob.shape[-1]))
+        return _cached_mask(job.cache_dir, row), pred, None
+    record, pred, _ = output_row(item.image_id, prob, item, gate, keep_probs=False)
+    height, width = item.original_shape
+    return decode_union([truth_rle[item.image_id]], height, width), pred, record
+
+
+def _member_scorer(job: _EvalJob, counts: dict[str, list]) -> Callable:
+    """``on_members(item, row, maps)`` for :func:`_predict_split`: scores each member's map under
+    the ensemble's gate as it comes (the maps are not kept), into ``counts[member folder]``."""
+    from pneumo_cli.core.metrics import overlap_counts
+
+    ids = {image_id for image_id, _ in job.labelled}
+    truth_rle = _read_truth(job.cache_dir, ids) if job.at == Resolution.original else {}
+    names = [str(member.run_dir) for member in job.predictor.members]
+    gate = job.predictor.gate
+
+    def on_members(item: Any, row: Any, maps: np.ndarray) -> None:
+        for name, prob in zip(names, maps, strict=True):
+            truth, pred, _ = _masks(job, item, row, prob, gate, truth_rle)
+            entry = (item.image_id, *overlap_counts(truth, pred), float(prob.max()))
+            counts.setdefault(name, []).append(entry)
+
+    return on_members
+
+
+MEMBER_METRICS = ("mean_dice", "positive_mean_dice", "mean_iou", "positive_mean_iou", "roc_auc")
+
+
+def _member_metrics(
+    job: _EvalJob, evaluation: Any, scored: list[_Scored], counts: dict[str, list]
+) -> list[dict[str, Any]]:
+    """Each member's scores beside the ensemble's: out of fold, each fold's model on its own
+    fold (a slice of the evaluation); else each member on the whole split."""
+    from pneumo_cli.evaluation.scoring import score_counts
+
+    rows = {row.image_id: row for row in evaluation.rows}
+    if job.mode == "out-of-fold":
+        for part in job.parts:
+            mine = [rows[s.item.image_id] for s in scored if s.part == part.name]
+            counts[str(part.predictor.run_dir)] = [
+                (r.image_id, r.intersection, r.truth_area, r.pred_area, r.max_prob) for r in mine
+            ]
+    result = []
+    for name, entries in counts.items():
+        if not entries:
+            continue
+        columns = [list(column) for column in zip(*entries, strict=True)]
+        member = score_counts(*columns).metrics
+        scored_on = "its own validation fold" if job.mode == "out-of-fold" else job.split
+        result.append({"run": name, "images": len(entries), "scored_on": scored_on}
+                      | {key: member[key] for key in MEMBER_METRICS})  # fmt: skip
+    return result
+
+
 def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str, Any]:
     """What metrics.json records besides the scores."""
     size = job.predictor.image_size
     details: dict[str, Any] = {
         "split": job.split,
         "gate": to_dict(gate),
-        "gate_source": "tuned now" if tuned else _gate_source(job.run_dir),
+        "gate_source": "tuned now" if tuned else _gate_source(job),
         # Original images may differ in size; at model resolution every image is size x size.
         "resolution": {
             "at": job.at,
@@ -304,6 +482,8 @@ def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str,
             "reason": job.predictor.precision_reason,
         },
         "run": str(job.run_dir),
+        "mode": job.mode,
+        "ensemble": [str(m.run_dir) for m in getattr(job.predictor, "members", [])] or None,
         "cache": str(job.cache_dir),
         "image_size": size,
         "unlabelled_skipped": job.unlabelled,
@@ -316,8 +496,13 @@ def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str,
     return details
 
 
-def _gate_source(run_dir: Path) -> str:
-    return POSTPROCESS_FILE if (run_dir / POSTPROCESS_FILE).is_file() else "default"
+def _gate_source(job: _EvalJob) -> str:
+    """Where the gate scored with came from: the run's (or sweep's) postprocess.json or the
+    default; for runs given one by one, their common gate or the default."""
+    ensemble_source = getattr(job.predictor, "gate_source", None)
+    if ensemble_source is not None:
+        return "default" if ensemble_source == "default" else str(ensemble_source)
+    return POSTPROCESS_FILE if (job.run_dir / POSTPROCESS_FILE).is_file() else "default"
 
 
 def _report_panels(

@@ -235,6 +235,29 @@ def _summary_table(m: dict[str, Any]) -> str:
     return "<table>" + "".join(cells) + "</table>"
 
 
+def _members_table(m: dict[str, Any]) -> str:
+    """Each member (out of fold: each fold's model on its own fold) beside the whole."""
+    members = m.get("members")
+    if not members:
+        return ""
+    out_of_fold = m.get("mode") == "out-of-fold"
+    title = "Each fold's model on its own fold" if out_of_fold else "Members and ensemble"
+    head = "".join(f"<th>{name}</th>" for name in ("model", "images", "mean Dice",
+                   "Dice, positives only", "mean IoU", "ROC AUC"))  # fmt: skip
+
+    def row(name: str, values: dict[str, Any], images: Any, css: str = "") -> str:
+        cells = [_fmt(values.get(key)) for key in ("mean_dice", "positive_mean_dice",
+                                                    "mean_iou", "roc_auc")]  # fmt: skip
+        numbers = "".join(f"<td class='num'>{cell}</td>" for cell in cells)
+        return (f"<tr{css}><td><code>{html.escape(name)}</code></td>"
+                f"<td class='num'>{images}</td>{numbers}</tr>")  # fmt: skip
+
+    rows = [row(entry["run"], entry, entry["images"]) for entry in members]
+    rows.append(row("all folds" if out_of_fold else "ensemble", m, m["n_images"],
+                    " style='font-weight:bold'"))  # fmt: skip
+    return f"<h2>{title}</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 def _context_lines(m: dict[str, Any]) -> str:
     items = []
     if m.get("split"):
@@ -328,6 +351,7 @@ def write_report(
 <h1>pneumo evaluation</h1>
 {_context_lines(m)}
 {_summary_table(m)}
+{_members_table(m)}
 <p>Per-image scores: <a href="per_image.csv">per_image.csv</a> &middot;
 all numbers: <a href="metrics.json">metrics.json</a></p>
 <h2>Curves</h2>

@@ -211,17 +211,28 @@ class EnsemblePredictor:
     def member_dirs(self) -> list[Path]:
         return [Path(m.run_dir) for m in self.members]
 
+    def member_probabilities(self, images: np.ndarray) -> list[np.ndarray]:
+        """Each member's float32 (B, S, S) maps of uint8 (B, S, S) images prepared at
+        :attr:`image_size`, on that grid."""
+        size = images.shape[-1]
+        maps = []
+        for member, shrink in zip(self.members, self._resizers, strict=True):
+            probs = np.asarray(member.probabilities(images if shrink is None else shrink(images)))
+            maps.append(probs if probs.shape[-1] == size else _enlarge(probs, size))
+        return maps
+
+    @staticmethod
+    def mean_of(maps: list[np.ndarray]) -> np.ndarray:
+        """The members' mean map, summed in member order in float32."""
+        total = maps[0].astype(np.float32)
+        for probs in maps[1:]:
+            total = total + probs
+        return total / np.float32(len(maps))
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S) prepared at :attr:`image_size` -> float32 (B, S, S), the members'
         mean."""
-        size = images.shape[-1]
-        total: np.ndarray | None = None
-        for member, shrink in zip(self.members, self._resizers, strict=True):
-            probs = np.asarray(member.probabilities(images if shrink is None else shrink(images)))
-            if probs.shape[-1] != size:
-                probs = _enlarge(probs, size)
-            total = probs.astype(np.float32) if total is None else total + probs
-        return np.asarray(total) / np.float32(len(self.members))
+        return self.mean_of(self.member_probabilities(images))
 
 
 def _joined(values: Any, separator: str = "+") -> str:
