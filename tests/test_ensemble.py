@@ -114,7 +114,7 @@ def test_two_members_average_their_maps(members: dict, tmp_path: Path) -> None:
     }
     assert peaks == pytest.approx(expected, abs=2e-6)
     job = json.loads((out / "job.json").read_text())
-    assert job["members"] == [str(first.resolve()), str(second.resolve())]
+    assert job["members"] == [str((run / "best.keras").resolve()) for run in (first, second)]
 
 
 def test_members_of_different_sizes_are_averaged_on_the_largest_grid(members: dict) -> None:
@@ -142,7 +142,7 @@ def test_a_sweep_folder_is_the_ensemble_of_its_folds(members: dict, tmp_path: Pa
     assert result.exit_code == 0, result.output
     job = json.loads((out / "job.json").read_text())
     assert job["model"] == str(members["sweep"].resolve())
-    assert job["members"] == [str(run.resolve()) for run in members["folds"]]
+    assert job["members"] == [str((run / "best.keras").resolve()) for run in members["folds"]]
     assert len(job["model_sha256"]) == 64
 
 

@@ -12,7 +12,7 @@ import typer
 from pneumo_cli.cli.console import bars_enabled, print_note, stderr_console, stdout_console
 from pneumo_cli.cli.options import Json, Quiet, checked_by, plain
 from pneumo_cli.cli.render import print_json
-from pneumo_cli.core.choices import Encoder, InputNorm, Loss, Precision
+from pneumo_cli.core.choices import Encoder, InputNorm, Loss, Precision, TopUse
 from pneumo_cli.core.config import TrainConfig, check_image_size, parse_pos_fraction
 
 _DEFAULTS = TrainConfig()
@@ -20,7 +20,7 @@ _DEFAULTS = TrainConfig()
 _TUNABLE = (
     "encoder", "encoder_weights", "image_size", "loss", "lr", "epochs", "batch_size",
     "steps_per_epoch", "patience", "reduce_lr_patience", "pos_fraction", "augment", "seed",
-    "precision", "input_norm", "scale_lr", "fold",
+    "precision", "input_norm", "scale_lr", "fold", "keep_top", "top_use",
 )  # fmt: skip
 
 
@@ -241,6 +241,26 @@ def train_command(
             min=0,
             help="Cross-validation fold K of a cache made with --folds N: train on the other "
             "folds' train and val images, validate on fold K's; test images are never used.",
+        ),
+    ] = None,
+    keep_top: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-top",
+            min=1,
+            help="Keep the N best epochs (RUN/top); when the run ends, average their weights "
+            "into averaged.keras (BatchNorm statistics recomputed on training images) and "
+            "measure best, averaged and their ensemble on val (checkpoints.json) "
+            f"[default: {_DEFAULTS.keep_top}: best.keras only].",
+        ),
+    ] = None,
+    top_use: Annotated[
+        TopUse | None,
+        typer.Option(
+            "--top-use",
+            help="With --keep-top: what every later command uses, the averaged model (one "
+            "network) or the ensemble of the N checkpoints (N networks) "
+            f"[default: {_DEFAULTS.top_use}].",
         ),
     ] = None,
     cv: Annotated[

@@ -44,6 +44,13 @@ class Tta(StrEnum):
     hflip = "hflip"
 
 
+class TopUse(StrEnum):
+    """What inference makes of a run's top checkpoints (``train --keep-top``)."""
+
+    average = "average"  # one model: the weights averaged, BatchNorm statistics recomputed
+    ensemble = "ensemble"  # the checkpoints' maps averaged
+
+
 class InputNorm(StrEnum):
     """The ResNet encoders' input BatchNormalization during training."""
 

@@ -19,6 +19,7 @@ from pneumo_cli.core.choices import (
     Loss,
     Precision,
     Split,
+    TopUse,
     check_choice,
     check_encoder,
 )
@@ -258,17 +259,22 @@ class TrainConfig:
     # Cross-validation fold K of a cache made with --folds N: train on the other folds' train
     # and val images, validate on fold K's (test images never); None: train/val splits.
     fold: int | None = None
+    # The N best epochs kept in RUN/top; 1 = best.keras only. What inference uses of them:
+    # their averaged weights or their ensemble (see pneumo_cli.training.checkpoints).
+    keep_top: int = 1
+    top_use: str = TopUse.average.value
 
     def __post_init__(self) -> None:
         check_encoder(self.encoder)
         check_choice(Loss, self.loss, "--loss")
         check_choice(Precision, self.precision, "--precision")
         check_choice(InputNorm, self.input_norm, "--input-norm")
+        check_choice(TopUse, self.top_use, "--top-use")
         parse_pos_fraction(self.pos_fraction)
         if self.image_size is not None:
             check_image_size(self.image_size, "--image-size")
         at_least = {"epochs": 1, "batch_size": 1, "patience": 0, "reduce_lr_patience": 0}
-        at_least |= {"seed": 0, "steps_per_epoch": 1, "gpus": 0, "fold": 0}
+        at_least |= {"seed": 0, "steps_per_epoch": 1, "gpus": 0, "fold": 0, "keep_top": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:

@@ -139,14 +139,15 @@ def model_file_sha256(predictor: Any) -> str:
     model file (its manifest for a SavedModel folder); "" when there is none to hash. A file
     unchanged since it was last hashed (same size and modification time) is not read again:
     predict's job record and the SEG's algorithm source both ask for it."""
-    members = getattr(predictor, "member_dirs", None)  # an ensemble's runs
+    members = getattr(predictor, "member_models", None)  # an ensemble's model files
     if members is not None:
         from pneumo_cli.inference.ensemble import members_sha256
 
-        return members_sha256([cached_file_sha256(run / "best.keras") for run in members])
+        return members_sha256([cached_file_sha256(model) for model in members])
     path = Path(predictor.source)
     info = getattr(predictor, "info", None)  # an exported model's manifest
-    model = path / "best.keras" if info is None else Path(info.model_path)
+    own = getattr(predictor, "model_path", None)  # a run's model file
+    model = Path(own or path / "best.keras") if info is None else Path(info.model_path)
     if info is not None and model.is_dir():
         model = path / "pneumo-model.json"
     return cached_file_sha256(model) if model.is_file() else ""

@@ -204,12 +204,24 @@ class EnsemblePredictor:
 
     @property
     def config(self) -> dict[str, Any]:
-        """What a single run's config.json would say that callers read: the training cache."""
+        """The run's config.json for one run's checkpoints; for several runs what callers read
+        of it: the training cache (the first member's)."""
+        if len({str(m.run_dir) for m in self.members}) == 1:
+            return dict(self.members[0].config)
         return {"cache": self.members[0].config.get("cache", "cache")}
 
     @property
     def member_dirs(self) -> list[Path]:
         return [Path(m.run_dir) for m in self.members]
+
+    @property
+    def member_models(self) -> list[Path]:
+        """Every model file the ensemble runs, in order (nested ensembles flattened)."""
+        found: list[Path] = []
+        for member in self.members:
+            nested = getattr(member, "member_models", None)
+            found.extend(nested if nested is not None else [Path(member.model_path)])
+        return found
 
     def member_probabilities(self, images: np.ndarray) -> list[np.ndarray]:
         """Each member's float32 (B, S, S) maps of uint8 (B, S, S) images prepared at
@@ -271,17 +283,42 @@ def load_ensemble(
         InputError, UsageError: as :func:`~pneumo_cli.inference.predictor.load_predictor`.
     """
     from pneumo_cli.core.choices import Tta, check_choice
-    from pneumo_cli.inference.predictor import load_predictor, open_run_for_inference
+    from pneumo_cli.inference.predictor import open_run_for_inference
 
     check_choice(Tta, tta, "--tta")
     opened = [open_run_for_inference(run) for run in members.runs]
     check_members_agree(opened)
     gate, gate_source, gate_notes = ensemble_gate(members, [o.gate for o in opened])
-    loaded = [load_predictor(run, tta, precision, parity_inputs, engine) for run in members.runs]
+    loaded = [load_run(run, tta, precision, parity_inputs, engine, o) for run, o in
+              zip(members.runs, opened, strict=True)]  # fmt: skip
     notes = [("note", note) for note in gate_notes]
     for member in loaded:
         notes.extend((level, f"{member.run_dir.name}: {text}") for level, text in member.notes)
     return EnsemblePredictor(members.source, loaded, gate, gate_source, members.sweep, notes)
+
+
+def load_run(
+    run: Path,
+    tta: str = "none",
+    precision: str = "auto",
+    parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None = None,
+    engine: str = "auto",
+    opened: Any = None,
+) -> Any:
+    """One run ready for inference: its :class:`~pneumo_cli.inference.predictor.Predictor`,
+    or for a run that keeps its top checkpoints as an ensemble (``train --keep-top N --top-use
+    ensemble``) the :class:`EnsemblePredictor` of those checkpoints, under the run's gate."""
+    from pneumo_cli.inference.predictor import load_predictor, open_run_for_inference
+
+    opened = opened or open_run_for_inference(run)
+    if len(opened.model_paths) <= 1:
+        return load_predictor(run, tta, precision, parity_inputs, engine)
+    loaded = [load_predictor(run, tta, precision, parity_inputs, engine, model_file=path)
+              for path in opened.model_paths]  # fmt: skip
+    notes = []
+    for member, path in zip(loaded, opened.model_paths, strict=True):
+        notes.extend((level, f"{path.name}: {text}") for level, text in member.notes)
+    return EnsemblePredictor(run, loaded, opened.gate, "the run's", False, notes)
 
 
 def members_sha256(member_hashes: Sequence[str]) -> str:

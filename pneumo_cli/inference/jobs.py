@@ -41,8 +41,8 @@ def job_identity(
 
 
 def _members(predictor: Any) -> dict[str, Any]:
-    members = getattr(predictor, "member_dirs", None)
-    return {"members": [str(run.resolve()) for run in members]} if members else {}
+    members = getattr(predictor, "member_models", None)
+    return {"members": [str(model.resolve()) for model in members]} if members else {}
 
 
 def claim_predict_job(out: Path, job: dict[str, Any], overwrite: bool) -> None:

@@ -3,6 +3,7 @@ network (with optional flip TTA) that maps prepared images to probabilities."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Predictor:
     precision_check: dict[str, Any] | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
     engine: str = "keras"
+    model_path: Path | None = None  # the model file (best.keras, averaged.keras, top/...)
 
     @property
     def image_size(self) -> int:
@@ -75,6 +77,9 @@ class RunForInference:
     input_scaling: str
     model_path: Path
     gate: Gate
+    # Every model file inference runs (``train --keep-top ... --top-use ensemble``: the top
+    # checkpoints; else one file, ``model_path``).
+    model_paths: tuple[Path, ...] = ()
 
     @property
     def image_size(self) -> int:
@@ -84,7 +89,8 @@ class RunForInference:
 def open_run_for_inference(run_dir: str | os.PathLike[str]) -> RunForInference:
     """Check and read a run folder for predict, evaluate and export (the model is not loaded).
 
-    The gate is ``postprocess.json`` when ``evaluate --tune`` wrote one, else the default.
+    The gate is ``postprocess.json`` when ``evaluate --tune`` wrote one, else the default. The
+    model is ``best.keras``, or for a ``--keep-top`` run what its ``checkpoints.json`` says.
 
     Raises:
         ConfigError: not a run, or a config without the settings inference needs.
@@ -92,6 +98,7 @@ def open_run_for_inference(run_dir: str | os.PathLike[str]) -> RunForInference:
             epoch ended).
     """
     from pneumo_cli.model.encoders import SCALINGS
+    from pneumo_cli.training.checkpoints import inference_models
     from pneumo_cli.training.runs import BEST_MODEL_FILE, load_run_config
 
     run_dir = Path(run_dir)
@@ -105,15 +112,16 @@ def open_run_for_inference(run_dir: str | os.PathLike[str]) -> RunForInference:
             f"{run_dir}/config.json: unknown input_scaling {config['input_scaling']!r}; "
             f"expected one of {', '.join(SCALINGS)}"
         )
-    model_path = run_dir / BEST_MODEL_FILE
-    if not model_path.is_file():
+    if not (run_dir / BEST_MODEL_FILE).is_file():
         raise InputError(
             f"{run_dir} has no {BEST_MODEL_FILE}: was it written by `pneumo train` (a run "
             "stopped before its first epoch has no model)?"
         )
+    paths = tuple(inference_models(run_dir, config))
     gate_path = run_dir / POSTPROCESS_FILE
     gate = load_gate(gate_path) if gate_path.is_file() else Gate()
-    return RunForInference(run_dir, config, settings, config["input_scaling"], model_path, gate)
+    scaling = config["input_scaling"]
+    return RunForInference(run_dir, config, settings, scaling, paths[0], gate, paths)
 
 
 def load_predictor(
@@ -122,8 +130,10 @@ def load_predictor(
     precision: str = "auto",
     parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None = None,
     engine: str = "auto",
+    model_file: Path | None = None,
 ) -> Predictor:
-    """Load a run (:func:`open_run_for_inference`) and make its network ready for inference.
+    """Load a run (:func:`open_run_for_inference`) and make its network ready for inference:
+    its first model file, or ``model_file`` (one of the run's top checkpoints).
 
     ``precision`` ``auto`` wants the fastest precision this machine has (fp16 on an NVIDIA GPU,
     bf16 on a CPU with bfloat16 instructions, else fp32) and ``engine`` ``auto`` OpenVINO on a
@@ -146,12 +156,14 @@ def load_predictor(
 
     check_choice(Tta, tta, "--tta")
     opened = open_run_for_inference(run_dir)
+    if model_file is not None:
+        opened = dataclasses.replace(opened, model_path=Path(model_file))
     gpus = gpu_names()
     wanted, reason = choose_precision(precision, bool(gpus), gpus, purpose="predict")
     candidates = _candidates(wanted, precision == "auto", engine, bool(gpus))
     model = _load_inference_model(opened.model_path)
     parts = dict(run_dir=opened.run_dir, config=opened.config, settings=opened.settings,
-                 gate=opened.gate, tta=tta)  # fmt: skip
+                 gate=opened.gate, tta=tta, model_path=opened.model_path)  # fmt: skip
 
     built: dict[Any, Callable[[np.ndarray], np.ndarray]] = {}
 
@@ -317,9 +329,9 @@ def open_predictor(
                 "drop --precision"
             )
         return exported
-    from pneumo_cli.inference.ensemble import load_ensemble, resolve_members
+    from pneumo_cli.inference.ensemble import load_ensemble, load_run, resolve_members
 
     members = resolve_members(given)
     if len(members.runs) == 1 and not members.sweep:
-        return load_predictor(members.runs[0], tta, precision, parity_inputs, engine)
+        return load_run(members.runs[0], tta, precision, parity_inputs, engine)
     return load_ensemble(members, tta, precision, parity_inputs, engine)

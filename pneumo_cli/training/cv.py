@@ -24,6 +24,7 @@ from pneumo_cli.core.errors import ConfigError, OutputError
 from pneumo_cli.core.files import atomic_write_json
 from pneumo_cli.data import cache as data_cache
 from pneumo_cli.training import runs
+from pneumo_cli.training.checkpoints import needs_finishing
 from pneumo_cli.training.settings import SilentReporter, TrainReporter, TrainResult
 from pneumo_cli.training.state import FINISHED, STATE_FILE, read_state
 
@@ -136,6 +137,7 @@ def resume_cross_validation(
 def _run_folds(
     sweep: Path, config: TrainConfig, folds: int, reporter: TrainReporter, cpu_replicas: int
 ) -> CrossValidationResult:
+    from pneumo_cli.training.fit import result_from_summary
     from pneumo_cli.training.resume import resume_training
     from pneumo_cli.training.train import train_model
 
@@ -144,9 +146,9 @@ def _run_folds(
     for fold in range(folds):
         folder = sweep / fold_name(fold)
         status = _fold_status(folder)
-        if status in FINISHED:
+        if status in FINISHED and not needs_finishing(folder, config):
             reporter.note(f"fold {fold} of {folds}: {folder} finished already ({status})")
-            results.append(_finished_result(folder, status))
+            results.append(result_from_summary(folder))
             kept.append(fold)
             continue
         reporter.note(f"fold {fold} of {folds}: training {folder}")
@@ -171,20 +173,6 @@ def _fold_status(folder: Path) -> str | None:
     if not (folder / STATE_FILE).is_file():
         return None
     return str(read_state(folder)["status"])
-
-
-def _finished_result(folder: Path, status: str) -> TrainResult:
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    return TrainResult(
-        run_dir=str(folder),
-        status=status,
-        epochs_done=int(summary.get("epochs_done", 0)),
-        best_epoch=summary.get("best_epoch"),
-        best_val_dice=summary.get("best_val_dice"),
-        seconds=float(summary.get("seconds", 0.0)),
-        images_per_s=summary.get("images_per_s"),
-        weights_sha256=summary.get("weights_sha256"),
-    )
 
 
 def _check_same_sweep(sweep: Path, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:

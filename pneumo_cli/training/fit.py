@@ -16,7 +16,7 @@ from pneumo_cli.data import pipeline as data_pipeline
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.engine.native_log import native_noise_dropped
 from pneumo_cli.model import saving
-from pneumo_cli.training import runs
+from pneumo_cli.training import checkpoints, runs
 from pneumo_cli.training.distribute import (
     COLLECTIVE_TIMEOUT_S,
     HEARTBEAT_TIMEOUT_S,
@@ -76,6 +76,9 @@ class _Recorder:
         else:
             state["since_best"] += 1
             state["plateau_wait"] += 1
+        checkpoints.update_top(
+            self.run_dir, state, self.net, epoch + 1, row["val_dice"], self.config.keep_top
+        )
         self.history.append(row)
         status = "running"
         if epoch + 1 >= self.config.epochs:
@@ -207,7 +210,35 @@ def fit_run(
             raise
         _save_interrupted(recorder)
         raise _lost_worker(exc, run_dir, state["epoch"], placement.is_chief) from None
-    return recorder.write_summary(saving.weights_sha256(net))
+    result = recorder.write_summary(saving.weights_sha256(net))
+    if placement.is_chief and checkpoints.needs_finishing(run_dir, config):
+        checkpoints.finish_top(run_dir, config, scaling, state, reporter.note)
+    return result
+
+
+def result_from_summary(run_dir: Path) -> TrainResult:
+    """The :class:`TrainResult` a finished run's ``summary.json`` records.
+
+    Raises:
+        ConfigError: the summary is missing or unreadable.
+    """
+    import json
+
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        return TrainResult(
+            run_dir=str(run_dir),
+            status=str(summary["status"]),
+            epochs_done=int(summary["epochs_done"]),
+            best_epoch=summary.get("best_epoch"),
+            best_val_dice=summary.get("best_val_dice"),
+            seconds=float(summary.get("seconds", 0.0)),
+            images_per_s=summary.get("images_per_s"),
+            weights_sha256=summary.get("weights_sha256"),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); train the run again") from None
 
 
 def _datasets(

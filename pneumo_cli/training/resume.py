@@ -63,6 +63,9 @@ def resume_training(
     reporter = reporter or SilentReporter()
     placement = make_multi_worker_strategy(gpus) if multi_worker else None
     run_dir = runs.resolve_run(run, runs_dir)
+    finished = _finish_top_only(run_dir, reporter)
+    if finished is not None:
+        return finished
     config, state, cache, scaling = _resumable(run_dir, gpus)
     if placement is None:
         placement = Placement(*make_strategy(config.gpus, cpu_replicas))
@@ -110,6 +113,24 @@ def resume_training(
         )
 
 
+def _finish_top_only(run_dir: Path, reporter: TrainReporter) -> TrainResult | None:
+    """A finished ``--keep-top`` run killed before it wrote ``averaged.keras`` and
+    ``checkpoints.json``: write them now (nothing is trained). None for any other run."""
+    from pneumo_cli.training import checkpoints
+    from pneumo_cli.training.fit import result_from_summary
+
+    if not (run_dir / STATE_FILE).is_file() or not (run_dir / runs.CONFIG_FILE).is_file():
+        return None
+    state = read_state(run_dir)
+    saved = runs.load_run_config(run_dir)
+    config = config_from_run(saved, str(run_dir / runs.CONFIG_FILE))
+    if state["status"] not in FINISHED or not checkpoints.needs_finishing(run_dir, config):
+        return None
+    reporter.note(f"{run_dir} finished training; averaging its top {config.keep_top} epochs")
+    checkpoints.finish_top(run_dir, config, saved["input_scaling"], state, reporter.note)
+    return result_from_summary(run_dir)
+
+
 def _resumable(run_dir: Path, gpus: int | None) -> tuple[TrainConfig, dict | None, Any, str]:
     """The run's settings, its state (None before the first epoch ended), its cache and its
     input scaling, each checked: an unfinished run whose cache is unchanged since it started.
@@ -146,7 +167,8 @@ def _config_to_resume(saved: dict[str, Any], path: Path) -> TrainConfig:
             silently replace it), or has the wrong type or an impossible value.
     """
     # A run from before --fold existed trained on the train/val splits (fold None).
-    needed = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "fold"]
+    later = ("fold", "keep_top", "top_use")  # options newer than some runs
+    needed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in later]
     needed += ["input_scaling", "cache_manifest_sha256"]
     missing = [key for key in needed if key not in saved]
     if missing:

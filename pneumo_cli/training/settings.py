@@ -57,4 +57,6 @@ def config_from_run(saved: dict[str, Any], source: str = "config.json") -> Train
     values = {k: v for k, v in saved.items() if k in names}
     values.setdefault("input_norm", "trainable")  # runs from before --input-norm existed
     values.setdefault("fold", None)  # runs from before --fold existed trained on the splits
+    values.setdefault("keep_top", 1)  # ... and those from before --keep-top kept best.keras
+    values.setdefault("top_use", "average")
     return from_dict(TrainConfig, values, source)
