@@ -281,3 +281,29 @@ def test_evaluate_refuses_what_an_ensemble_cannot_do(members: dict, tmp_path: Pa
         result.stderr
     )
     assert not (tmp_path / "t").exists() and not (tmp_path / "v").exists()
+
+
+def test_export_of_an_ensemble_is_one_graph_averaging_its_members(
+    members: dict, tmp_path: Path
+) -> None:
+    from pneumo_cli.export.export import export_run
+    from pneumo_cli.inference.exported import load_exported_predictor
+
+    pair = members["folds"][:2]
+    out = tmp_path / "onnx"
+    summary = export_run(pair, "onnx", out)
+    assert summary.parity.passed
+    manifest = json.loads((out / "pneumo-model.json").read_text())
+    assert [m["run"] for m in manifest["members"]] == [str(run.resolve()) for run in pair]
+    assert manifest["source_run"]["model"] is None
+    images = _test_images(members["caches"]["folded"])
+    exported = load_exported_predictor(out)
+    together = open_predictor(pair, precision="fp32", engine="keras")
+    np.testing.assert_allclose(exported.probabilities(images), together.probabilities(images),
+                               rtol=0, atol=1e-4)  # fmt: skip
+
+    result = invoke("export", "--format", "onnx", "--run", members["folds"][0], "--run",
+                    members["large"], "--out", tmp_path / "mixed")  # fmt: skip
+    assert result.exit_code == 1
+    assert "image size 96" in result.stderr and "one exported graph" in result.stderr
+    assert not (tmp_path / "mixed").exists()

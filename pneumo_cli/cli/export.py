@@ -18,8 +18,13 @@ def export_command(
         typer.Option("--format", "-f", help="Deployable model format.", show_default=False),
     ],
     run: Annotated[
-        Path | None,
-        typer.Option("--run", help="Run folder written by `pneumo train` (default: runs/latest)."),
+        list[Path] | None,
+        typer.Option(
+            "--run",
+            help="Run folder written by `pneumo train` (default: runs/latest). Several times, "
+            "or a `train --cv` folder, for one graph averaging the members' probabilities "
+            "(same image size and encoder scaling).",
+        ),
     ] = None,
     out: Annotated[
         Path | None,

@@ -258,8 +258,8 @@ def train_command(
         TopUse | None,
         typer.Option(
             "--top-use",
-            help="With --keep-top: what every later command uses, the averaged model (one "
-            "network) or the ensemble of the N checkpoints (N networks) "
+            help="With --keep-top: what every later command uses: the averaged model (one "
+            "network), the ensemble of the N checkpoints (N networks) or best.keras "
             f"[default: {_DEFAULTS.top_use}].",
         ),
     ] = None,

@@ -49,6 +49,7 @@ class TopUse(StrEnum):
 
     average = "average"  # one model: the weights averaged, BatchNorm statistics recomputed
     ensemble = "ensemble"  # the checkpoints' maps averaged
+    best = "best"  # best.keras alone (the others kept for a later choice)
 
 
 class InputNorm(StrEnum):

@@ -20,7 +20,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,6 +185,7 @@ class _ExportJob:
     overwrite: bool
     say: Callable[[str], None]
     precision: str = "fp32"
+    members: list[dict[str, str]] | None = None  # an ensemble's model files
 
 
 def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
@@ -234,7 +235,7 @@ def _write_checked_export(job: _ExportJob) -> tuple[Path, Parity, str | None]:
                 f"{label} export of {opened.run_dir} failed its parity check against Keras on "
                 f"{inputs}: {'; '.join(parity.failures)}; nothing was written"
             )
-        manifest = _manifest(opened, fmt, quantize, written, calibration_note, parity)
+        manifest = _manifest(opened, fmt, quantize, written, calibration_note, parity, job.members)
         manifest["precision"] = job.precision
         atomic_write_json(scratch / MANIFEST_FILE, manifest)
         _check_out(out, job.overwrite, opened.run_dir)  # another process may have made it
@@ -255,8 +256,10 @@ def _manifest(
     written: Path,
     calibration_note: str | None,
     parity: Parity,
+    members: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """``pneumo-model.json``: what the exported model expects, made of and was checked on."""
+    """``pneumo-model.json``: what the exported model expects, made of and was checked on
+    (``members``: an ensemble's model files, averaged in the graph; None for one model)."""
     size = opened.image_size
     return {
         "pneumo_version": __version__,
@@ -284,17 +287,77 @@ def _manifest(
         "postprocess": to_dict(opened.gate),
         "source_run": {
             "path": str(opened.run_dir.resolve()),
-            "model": opened.model_path.name,
-            "model_sha256": _sha256(opened.model_path),
+            "model": opened.model_path.name if not members else None,
+            "model_sha256": _sha256(opened.model_path) if not members else None,
         },
+        "members": members,
         "calibration": calibration_note,
         "versions": export_versions(fmt),
         "parity": parity.to_dict(),
     }
 
 
+def _open_models(run: Any) -> tuple[Any, list[tuple[Any, Path]]]:
+    """The run (or ensemble) to export as one ``RunForInference`` (for an ensemble: the first
+    member's, with the ensemble's folder and gate) and every (member, model file) it runs.
+
+    Raises:
+        ConfigError: members with other image sizes, input scalings, crop or CLAHE settings.
+    """
+    import dataclasses
+
+    from pneumo_cli.inference.ensemble import check_members_agree, ensemble_gate, resolve_members
+    from pneumo_cli.inference.predictor import open_run_for_inference
+
+    members = resolve_members(run)
+    opened = [open_run_for_inference(member) for member in members.runs]
+    files = [(o, path) for o in opened for path in o.model_paths]
+    if len(files) == 1:
+        return opened[0], files
+    check_members_agree(opened)
+    first = opened[0]
+    for other in opened[1:]:
+        for name, mine, theirs in (
+            ("image size", other.image_size, first.image_size),
+            ("input scaling", other.input_scaling, first.input_scaling),
+        ):
+            if mine != theirs:
+                raise ConfigError(
+                    f"ensemble member {other.run_dir} has {name} {mine}, {first.run_dir} "
+                    f"{theirs}: one exported graph needs one {name}; export the members of "
+                    "one size and encoder family together, or predict with --run instead"
+                )  # fmt: skip
+    if len(opened) == 1:
+        gate = first.gate  # one run's own checkpoints
+    else:
+        gate, _, _ = ensemble_gate(members, [o.gate for o in opened])
+    return dataclasses.replace(first, run_dir=members.source, gate=gate), files
+
+
+def _load_models(files: list[tuple[Any, Path]], say: Callable[[str], None]) -> Any:
+    """One Keras model: the single model file, or a graph averaging the members' outputs."""
+    from pneumo_cli.model.saving import load_model
+
+    models = []
+    for _, path in files:
+        say(f"loading {path}")
+        models.append(load_model(path))
+    if len(models) == 1:
+        return models[0]
+    from pneumo_cli.engine.tf import import_tf
+
+    tf = import_tf()
+    inputs = tf.keras.Input(models[0].input_shape[1:], name="scaled_image")
+    outputs = []
+    for index, model in enumerate(models):
+        model._name = f"member{index}"  # nested models need distinct names
+        outputs.append(tf.keras.layers.Activation("linear", dtype="float32")(model(inputs)))
+    mean = tf.keras.layers.Average(name="ensemble_mean", dtype="float32")(outputs)
+    return tf.keras.Model(inputs, mean, name="pneumo_ensemble")
+
+
 def export_run(
-    run: str | os.PathLike[str] | None,
+    run: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     fmt: str,
     out: str | os.PathLike[str] | None = None,
     *,
@@ -303,10 +366,13 @@ def export_run(
     overwrite: bool = False,
     notify: Callable[[str], None] | None = None,
 ) -> ExportSummary:
-    """Export a run's ``best.keras`` as ``fmt`` into ``out`` after a passing parity check.
+    """Export a run's model as ``fmt`` into ``out`` after a passing parity check.
 
     Args:
-        run: run folder (default: the latest run under ./runs).
+        run: run folder (default: the latest run under ./runs); several runs or a `train --cv`
+            folder (or a run that keeps its top checkpoints as an ensemble) give one graph that
+            averages the members' probabilities. Such members must share the image size and
+            the input scaling as well as the crop and CLAHE settings.
         fmt: ``savedmodel``, ``tflite`` or ``onnx``.
         out: export folder (default: ``RUN/exports/<format>[-<quantize>]``).
         quantize: TFLite only: ``float16`` or ``int8`` (calibrated on cache training images).
@@ -316,25 +382,29 @@ def export_run(
         notify: told each step as it starts.
 
     Raises:
-        ConfigError: bad format or quantization, not a run, a missing converter package.
+        ConfigError: bad format or quantization, not a run, a missing converter package,
+            ensemble members that cannot be one graph.
         InputError: the run has no model.
         OutputError: ``out`` exists (without ``overwrite``) or cannot be written.
         PneumoError: the export failed its parity check (nothing is left behind).
     """
-    from pneumo_cli.inference.predictor import open_run_for_inference
-    from pneumo_cli.model.saving import load_model
-    from pneumo_cli.training.runs import resolve_run
-
     precision = check_request(fmt, quantize, precision)
     say = notify or (lambda message: None)
     started = time.perf_counter()
-    opened = open_run_for_inference(resolve_run(run))
+    opened, model_files = _open_models(run)
     run_dir = opened.run_dir
     out = Path(out) if out is not None else default_out(run_dir, fmt, quantize, precision)
     _check_out(out, overwrite, run_dir)
-    say(f"loading {opened.model_path}")
-    model = load_model(opened.model_path)
-    job = _ExportJob(opened, model, fmt, quantize, out, overwrite, say, precision)
+    members = None
+    if len(model_files) > 1:
+        if precision != "fp32":
+            raise UsageError(
+                f"--precision {precision}: an ensemble exports in fp32 only; drop --precision"
+            )
+        members = [{"run": str(o.run_dir.resolve()), "model": str(path.relative_to(o.run_dir)),
+                    "model_sha256": _sha256(path)} for o, path in model_files]  # fmt: skip
+    model = _load_models(model_files, say)
+    job = _ExportJob(opened, model, fmt, quantize, out, overwrite, say, precision, members)
     written, parity, calibration_note = _write_checked_export(job)
     model_out = out / written.name
     return ExportSummary(

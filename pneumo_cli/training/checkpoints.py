@@ -13,8 +13,8 @@ finishes, :func:`finish_top` writes
   own validation images, and ``use``: what inference uses (``--top-use``).
 
 ``use`` ``average`` makes ``averaged.keras`` the run's model; ``ensemble`` makes the run an
-ensemble of its N checkpoints (:mod:`pneumo_cli.inference.ensemble`). A run without
-``--keep-top`` (N = 1) uses ``best.keras``.
+ensemble of its N checkpoints (:mod:`pneumo_cli.inference.ensemble`); ``best`` keeps
+``best.keras``. A run without ``--keep-top`` (N = 1) uses ``best.keras``.
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ def read_checkpoints(run_dir: Path) -> dict[str, Any]:
         use = str(data["use"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc}); finish the run again or retrain") from None
-    if use not in ("average", "ensemble") or any(not f.startswith(f"{TOP_DIR}/") or ".." in f
-                                                 for f in files):  # fmt: skip
+    unsafe = [f for f in files if not f.startswith(f"{TOP_DIR}/") or ".." in f]
+    if use not in ("average", "ensemble", "best") or unsafe:
         raise ConfigError(f"{path}: not written by `pneumo train --keep-top`")
     return data
 
@@ -245,7 +245,9 @@ def inference_models(run_dir: Path, config: dict[str, Any]) -> list[Path]:
     if not isinstance(keep, int) or keep < 2:
         return [run_dir / BEST_MODEL_FILE]
     data = read_checkpoints(run_dir)
-    files = [AVERAGED_MODEL_FILE] if data["use"] == "average" else [e["file"] for e in data["top"]]
+    files = {"average": [AVERAGED_MODEL_FILE], "best": [BEST_MODEL_FILE]}.get(
+        data["use"], [e["file"] for e in data["top"]]
+    )
     paths = [run_dir / name for name in files]
     for path in paths:
         if not path.is_file():
