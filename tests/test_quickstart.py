@@ -116,6 +116,7 @@ def test_siim_recipe_script_runs_on_the_kaggle_layout(tiny_run, tmp_path):
         "ENCODER": "resnet18",
         "WEIGHTS": "none",
         "GPUS": "0",
+        "FOLDS": "3",
         "WORK": str(tmp_path / "work"),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
@@ -129,13 +130,20 @@ def test_siim_recipe_script_runs_on_the_kaggle_layout(tiny_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test mean Dice (SIIM):" in result.stdout
-    run = (tmp_path / "work" / "runs" / "latest").resolve()
-    config = json.loads((run / "config.json").read_text())
-    assert (config["loss"], config["pos_fraction"], config["image_size"]) == (
-        "bce-dice",
-        "0.8:0.4",
-        64,
-    )
-    assert (run / "postprocess.json").is_file()
-    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    sweep = (tmp_path / "work" / "runs" / "latest").resolve()
+    assert sweep.name == "cv" and (sweep / "ensemble.json").is_file()
+    for fold in range(3):
+        config = json.loads((sweep / f"fold{fold}" / "config.json").read_text())
+        assert (config["loss"], config["pos_fraction"], config["image_size"]) == (
+            "bce-dice",
+            "0.8:0.4",
+            64,
+        )
+        assert (config["fold"], config["keep_top"], config["top_use"]) == (fold, 3, "ensemble")
+    assert (sweep / "postprocess.json").is_file()  # tuned out of fold
+    oof = json.loads((sweep / "eval-oof" / "metrics.json").read_text())
+    assert oof["mode"] == "out-of-fold" and len(oof["members"]) == 3
+    metrics = json.loads((sweep / "eval-test" / "metrics.json").read_text())
     assert metrics["tta"] == "hflip" and metrics["split"] == "test"
+    assert metrics["mode"] == "ensemble" and len(metrics["members"]) == 3
+    assert metrics["gate_source"] == str(sweep / "postprocess.json")

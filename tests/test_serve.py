@@ -559,6 +559,51 @@ def test_sigterm_finishes_the_image_in_hand_and_exits_0(tiny_run, pacs, xrays, t
     assert node.events()[-1]["event"] == "stopped"
 
 
+def test_an_ensemble_serves_the_average_of_its_members(
+    tiny_run, pacs, xrays, gate, reference, tmp_path: Path
+) -> None:
+    """`serve --run A --run B`: the SEG of each X-ray is `pneumo predict --run A --run B`'s
+    mask, which is not run A's alone."""
+    from pneumo_cli.core.config import TrainConfig
+    from pneumo_cli.training.train import train_model
+
+    config = TrainConfig(cache=str(tiny_run["cache"]), encoder="resnet18", encoder_weights="none",
+                         epochs=1, batch_size=4, steps_per_epoch=2, patience=0, gpus=0,
+                         precision="fp32", input_norm="trainable", seed=7)  # fmt: skip
+    second = Path(train_model(config, tmp_path / "runs", "second").run_dir)
+    # New SOP Instance UIDs: the module node's SEGs of the originals are in Orthanc too.
+    copies, originals = {}, {}
+    (tmp_path / "x").mkdir()
+    for original, path in list(xrays.items())[:4]:
+        ds = pydicom.dcmread(path)
+        uid = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(tmp_path / "x" / f"{uid}.dcm")
+        copies[uid], originals[uid] = tmp_path / "x" / f"{uid}.dcm", original
+    members = ["--run", str(tiny_run["run"]), "--run", str(second)]
+    out = tmp_path / "predicted"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "x"), *members, "--out", str(out),
+                                      "-q", *gate])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    node = NodeProcess(tmp_path / "node", free_port(), [
+        *members, "--allow", "SENDER", "--send-to", f"127.0.0.1:{pacs.dicom_port}:ORTHANC",
+        "--max-size", str(MAX_SIZE), "--retry-max-seconds", "1", *gate])  # fmt: skip
+    try:
+        node.wait_for_event("ready")
+        assert store(node.port, *copies.values()) == [0] * 4
+        cache: dict = {}
+        found = wait_for(lambda: (s := segs_by_source(pacs, cache)) and set(copies) <= set(s) and s,
+                         120, "a SEG in Orthanc for every copy sent")  # fmt: skip
+    finally:
+        assert node.stop() == 0, node.stderr()
+    differs = 0
+    for uid in copies:
+        mask = read_mask_png(out / "masks" / f"{uid}.png")
+        np.testing.assert_array_equal(seg_frame(found[uid]), mask)
+        differs += not np.array_equal(mask, reference[originals[uid]])
+    assert differs, "the ensemble's masks equal the first member's: the test proves nothing"
+
+
 def test_a_port_in_use_exits_1_with_one_line(tiny_run, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
