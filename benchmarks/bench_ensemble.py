@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="batches per network timing")
     args = parser.parse_args()
 
-    from pneumo_cli.inference.predictor import open_predictor
+    from pneumo_cli.inference.loading import open_predictor
     from pneumo_cli.inference.sources import file_loader, file_sources
 
     print(machine_line(), flush=True)

@@ -118,7 +118,8 @@ def test_inference_uses_the_averaged_model_or_the_ensemble_of_the_checkpoints(
     kept_run: Path, tmp_path: Path
 ) -> None:
     from pneumo_cli.inference.ensemble import EnsemblePredictor
-    from pneumo_cli.inference.predictor import load_predictor, open_predictor
+    from pneumo_cli.inference.loading import open_predictor
+    from pneumo_cli.inference.predictor import load_predictor
     from pneumo_cli.inference.sources import cache_sources
 
     sources, load = cache_sources(kept_run.parent.parent / "cache", "val")

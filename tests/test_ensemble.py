@@ -18,8 +18,9 @@ from pneumo_cli.cli.main import app
 from pneumo_cli.core.config import PreprocessConfig, TrainConfig
 from pneumo_cli.data.imaging import resize_image
 from pneumo_cli.inference.ensemble import EnsemblePredictor, resolve_members
+from pneumo_cli.inference.loading import open_predictor
 from pneumo_cli.inference.postprocess import Gate
-from pneumo_cli.inference.predictor import load_predictor, open_predictor
+from pneumo_cli.inference.predictor import load_predictor
 from pneumo_cli.inference.sources import cache_sources
 
 pytestmark = pytest.mark.slow
@@ -138,7 +139,8 @@ def test_a_sweep_folder_is_the_ensemble_of_its_folds(members: dict, tmp_path: Pa
     assert resolved.sweep and list(resolved.runs) == members["folds"]
     out = tmp_path / "pred"
     result = invoke("predict", "--cache", members["caches"]["folded"], "--split", "test",
-                    "--run", members["sweep"], "--out", out, "--json")  # fmt: skip
+                    "--run", members["sweep"], "--out", out, "--json", "--precision", "fp32",
+                    "--engine", "keras")  # fmt: skip
     assert result.exit_code == 0, result.output
     job = json.loads((out / "job.json").read_text())
     assert job["model"] == str(members["sweep"].resolve())

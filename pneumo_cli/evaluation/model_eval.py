@@ -27,6 +27,13 @@ from pneumo_cli.core.config import to_dict
 from pneumo_cli.core.errors import ConfigError, InputError, UsageError
 from pneumo_cli.core.files import ensure_output_dir, remove_stale_temporaries
 from pneumo_cli.core.progress import ProgressFactory, stage
+from pneumo_cli.evaluation.maps import Scored, predict_split
+from pneumo_cli.evaluation.members import (
+    Part,
+    fold_parts,
+    member_metrics,
+    member_scorer,
+)
 from pneumo_cli.inference.postprocess import (
     POSTPROCESS_FILE,
     Gate,
@@ -50,70 +57,6 @@ class RunEvaluation:
     gate: Gate
     run_dir: Path
     notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # for stderr
-
-
-@dataclass(frozen=True)
-class _Scored:
-    """One image of the split: its manifest row, prepared item and probability map (S, S)."""
-
-    row: Any
-    item: Any
-    prob: np.ndarray
-    part: str = ""  # out of fold: the fold model that made the map
-
-
-def _predict_split(
-    predictor: Any,
-    sources: list,
-    load: Callable,
-    batch_size: int,
-    workers: int,
-    progress: Any,
-    part: str = "",
-    on_members: Callable[[Any, Any, np.ndarray], None] | None = None,
-) -> list[_Scored]:
-    """The maps of ``sources``; with ``on_members`` (an ensemble) each image's members' maps
-    (M, S, S) are passed to it as they come, and only their mean is kept."""
-    from pneumo_cli.inference.predict import predict_items
-    from pneumo_cli.inference.sources import Rejected
-
-    if on_members is not None:
-        predictor = _MembersAndMean(predictor)
-    rows = {image_id: row for image_id, row in sources}
-    scored: list[_Scored] = []
-    with ThreadPoolExecutor(workers) as pool:
-
-        def prepare(source: tuple[str, Any]) -> Any:
-            try:
-                return load(source[1])
-            except InputError as exc:
-                return Rejected(source[0], str(exc))
-
-        for result in predict_items(predictor, pool.map(prepare, sources), batch_size):
-            if isinstance(result, Rejected):
-                raise InputError(f"cached image {result.source} unreadable: {result.reason}")
-            item, prob = result
-            if on_members is not None:
-                on_members(item, rows[item.image_id], prob[1:])
-                prob = prob[0]
-            # Kept in float32, exactly as `pneumo predict` gates it: a float16 copy rounds values
-            # near a threshold (0.5002 -> 0.5) and so scored masks predict would not write.
-            scored.append(_Scored(rows[item.image_id], item, np.asarray(prob, np.float32), part))
-            progress(1)
-    return scored
-
-
-class _MembersAndMean:
-    """An ensemble whose ``probabilities`` gives, per image, (1 + M, S, S): the ensemble's map
-    (the members' mean, exactly as the ensemble computes it) then each member's."""
-
-    def __init__(self, ensemble: Any) -> None:
-        self.ensemble = ensemble
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        maps = self.ensemble.member_probabilities(images)
-        mean = self.ensemble.mean_of(maps)
-        return np.stack([mean, *maps], axis=1)
 
 
 def _read_truth(cache: Path, image_ids: set[str]) -> dict[str, str]:
@@ -145,16 +88,6 @@ def _crop_scale(item: Any, size: int) -> float:
 
 
 @dataclass(frozen=True)
-class _Part:
-    """Images one network scores: every image with the run's (or ensemble's) predictor, or out
-    of fold one fold's images with that fold's model (``name`` its folder)."""
-
-    name: str
-    predictor: Any
-    labelled: list[tuple[str, Any]]
-
-
-@dataclass(frozen=True)
 class _EvalJob:
     """A checked evaluation request: the loaded run or ensemble, its cache split (or, out of
     fold, each fold's images) and the output folder."""
@@ -164,7 +97,7 @@ class _EvalJob:
     cache_dir: Path
     split: str
     at: str
-    parts: list[_Part]
+    parts: list[Part]
     unlabelled: int
     load: Callable
     out: Path
@@ -221,10 +154,10 @@ def evaluate_run(
     workers = workers or os.cpu_count() or 1
     member_counts: dict[str, list] = {}
     on_members = _member_scorer(job, member_counts) if job.mode == "ensemble" else None
-    scored: list[_Scored] = []
+    scored: list[Scored] = []
     with stage(progress, f"predicting {job.split}", len(job.labelled)) as advance:
         for part in job.parts:
-            scored += _predict_split(part.predictor, part.labelled, job.load, batch_size, workers,
+            scored += predict_split(part.predictor, part.labelled, job.load, batch_size, workers,
                                      advance, part.name, on_members)  # fmt: skip
     tuned: list[Any] = []
     gate = job.predictor.gate
@@ -238,7 +171,7 @@ def evaluate_run(
     details = _details(job, gate, tta, tuned)
     evaluation = score_counts(*counts, details)
     if job.mode != "run":
-        evaluation.metrics["members"] = _member_metrics(job, evaluation, scored, member_counts)
+        evaluation.metrics["members"] = member_metrics(job, evaluation, scored, member_counts)
     cases = select_cases(evaluation.rows)
     panels = _report_panels(evaluation, cases, scored, job.cache_dir, gate, job.out)
     if records:
@@ -263,7 +196,8 @@ def _open_job(
     from pneumo_cli.data.cache import load_cache_settings
     from pneumo_cli.evaluation.leakage import check_split_unchanged
     from pneumo_cli.inference.ensemble import resolve_members
-    from pneumo_cli.inference.predictor import check_cache_matches, open_predictor
+    from pneumo_cli.inference.loading import open_predictor
+    from pneumo_cli.inference.predictor import check_cache_matches
     from pneumo_cli.inference.sources import cache_sources
 
     members = resolve_members(run)
@@ -297,7 +231,7 @@ def _open_job(
     cache_dir = Path(cache) if cache is not None else Path(predictor.config.get("cache", "cache"))
     check_cache_matches(load_cache_settings(cache_dir), predictor, cache_dir)
     if out_of_fold:
-        parts, load, unlabelled = _fold_parts(cache_dir, member_predictors)
+        parts, load, unlabelled = fold_parts(cache_dir, member_predictors)
         for part in parts:
             ids = [i for i, _ in part.labelled]
             check_split_unchanged(part.predictor.run_dir, part.predictor.config, cache_dir,
@@ -308,7 +242,7 @@ def _open_job(
             ids = [i for i, _ in sources]
             check_split_unchanged(member.run_dir, member.config, cache_dir, split, ids)
         labelled = [(i, row) for i, row in sources if row["mask"]]
-        parts = [_Part("", predictor, labelled)]
+        parts = [Part("", predictor, labelled)]
         unlabelled = len(sources) - len(labelled)
     out = ensure_output_dir(
         Path(out_dir) if out_dir is not None else members.source / f"eval-{split}", cache_dir
@@ -322,38 +256,7 @@ def _open_job(
                     mode)  # fmt: skip
 
 
-def _fold_parts(cache_dir: Path, folds: list[Any]) -> tuple[list[_Part], Callable, int]:
-    """Out of fold: fold K's labelled train and val images, to be scored by fold K's model.
-
-    Raises:
-        ConfigError: a member that is not fold K of this cache's folds.
-    """
-    from pneumo_cli.inference.sources import cache_sources
-
-    pool: list[tuple[str, Any]] = []
-    load: Callable | None = None
-    for split in (Split.train.value, Split.val.value):
-        try:
-            sources, load = cache_sources(cache_dir, split)
-        except InputError:
-            continue  # a cache may lack one of the two splits
-        pool += sources
-    parts = []
-    for k, member in enumerate(folds):
-        if member.config.get("fold") != k:
-            raise ConfigError(
-                f"{member.run_dir} is not fold {k} of its sweep (its config.json says fold "
-                f"{member.config.get('fold')}); train the sweep again"
-            )
-        mine = [(i, row) for i, row in pool if int(row["fold"]) == k and row["mask"]]
-        parts.append(_Part(member.run_dir.name, member, mine))
-    unlabelled = sum(1 for _, row in pool if not row["mask"])
-    if load is None:
-        raise InputError(f"{cache_dir}/manifest.csv has no train or val images to score")
-    return parts, load, unlabelled
-
-
-def _tune_gate(job: _EvalJob, scored: list[_Scored], advance: Callable) -> list[Any]:
+def _tune_gate(job: _EvalJob, scored: list[Scored], advance: Callable) -> list[Any]:
     """Gates ranked on the split's maps against the cached masks (areas in original pixels)."""
     from pneumo_cli.evaluation.tuning import GateGrid, tune_gate
 
@@ -368,7 +271,7 @@ def _tune_gate(job: _EvalJob, scored: list[_Scored], advance: Callable) -> list[
 
 
 def _score(
-    job: _EvalJob, scored: list[_Scored], gate: Gate, workers: int, advance: Callable
+    job: _EvalJob, scored: list[Scored], gate: Gate, workers: int, advance: Callable
 ) -> tuple[tuple[list, ...], list[dict]]:
     """Per-image overlap counts under ``gate`` (in original or model pixels, as ``job.at``
     says) and, at original resolution, the predictions.csv records `pneumo predict` writes."""
@@ -377,7 +280,7 @@ def _score(
     ids = {s.item.image_id for s in scored}
     truth_rle = _read_truth(job.cache_dir, ids) if job.at == Resolution.original else {}
 
-    def image_masks(entry: _Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    def image_masks(entry: Scored) -> tuple[np.ndarray, np.ndarray, dict | None]:
         return _masks(job, entry.item, entry.row, entry.prob, gate, truth_rle)
 
     columns: tuple[list, ...] = ([], [], [], [], [])
@@ -414,51 +317,14 @@ def _masks(
 
 
 def _member_scorer(job: _EvalJob, counts: dict[str, list]) -> Callable:
-    """``on_members(item, row, maps)`` for :func:`_predict_split`: scores each member's map under
-    the ensemble's gate as it comes (the maps are not kept), into ``counts[member folder]``."""
-    from pneumo_cli.core.metrics import overlap_counts
-
     ids = {image_id for image_id, _ in job.labelled}
     truth_rle = _read_truth(job.cache_dir, ids) if job.at == Resolution.original else {}
     names = [str(member.run_dir) for member in job.predictor.members]
-    gate = job.predictor.gate
 
-    def on_members(item: Any, row: Any, maps: np.ndarray) -> None:
-        for name, prob in zip(names, maps, strict=True):
-            truth, pred, _ = _masks(job, item, row, prob, gate, truth_rle)
-            entry = (item.image_id, *overlap_counts(truth, pred), float(prob.max()))
-            counts.setdefault(name, []).append(entry)
+    def masks_of(item: Any, row: Any, prob: np.ndarray, gate: Gate) -> tuple:
+        return _masks(job, item, row, prob, gate, truth_rle)
 
-    return on_members
-
-
-MEMBER_METRICS = ("mean_dice", "positive_mean_dice", "mean_iou", "positive_mean_iou", "roc_auc")
-
-
-def _member_metrics(
-    job: _EvalJob, evaluation: Any, scored: list[_Scored], counts: dict[str, list]
-) -> list[dict[str, Any]]:
-    """Each member's scores beside the ensemble's: out of fold, each fold's model on its own
-    fold (a slice of the evaluation); else each member on the whole split."""
-    from pneumo_cli.evaluation.scoring import score_counts
-
-    rows = {row.image_id: row for row in evaluation.rows}
-    if job.mode == "out-of-fold":
-        for part in job.parts:
-            mine = [rows[s.item.image_id] for s in scored if s.part == part.name]
-            counts[str(part.predictor.run_dir)] = [
-                (r.image_id, r.intersection, r.truth_area, r.pred_area, r.max_prob) for r in mine
-            ]
-    result = []
-    for name, entries in counts.items():
-        if not entries:
-            continue
-        columns = [list(column) for column in zip(*entries, strict=True)]
-        member = score_counts(*columns).metrics
-        scored_on = "its own validation fold" if job.mode == "out-of-fold" else job.split
-        result.append({"run": name, "images": len(entries), "scored_on": scored_on}
-                      | {key: member[key] for key in MEMBER_METRICS})  # fmt: skip
-    return result
+    return member_scorer(names, job.predictor.gate, masks_of, counts)
 
 
 def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str, Any]:
@@ -508,7 +374,7 @@ def _gate_source(job: _EvalJob) -> str:
 def _report_panels(
     evaluation: Any,
     cases: dict[str, list[Any]],
-    scored: list[_Scored],
+    scored: list[Scored],
     cache: Path,
     gate: Gate,
     out: Path,

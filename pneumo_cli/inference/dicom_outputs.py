@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import threading
 from pathlib import Path
@@ -141,8 +142,6 @@ def model_file_sha256(predictor: Any) -> str:
     predict's job record and the SEG's algorithm source both ask for it."""
     members = getattr(predictor, "member_models", None)  # an ensemble's model files
     if members is not None:
-        from pneumo_cli.inference.ensemble import members_sha256
-
         return members_sha256([cached_file_sha256(model) for model in members])
     path = Path(predictor.source)
     info = getattr(predictor, "info", None)  # an exported model's manifest
@@ -151,6 +150,11 @@ def model_file_sha256(predictor: Any) -> str:
     if info is not None and model.is_dir():
         model = path / "pneumo-model.json"
     return cached_file_sha256(model) if model.is_file() else ""
+
+
+def members_sha256(member_hashes: list[str]) -> str:
+    """One hash for an ensemble's model files, in member order."""
+    return hashlib.sha256("\n".join(member_hashes).encode()).hexdigest()
 
 
 def cached_file_sha256(path: Path) -> str:

@@ -17,7 +17,6 @@ the same, else the default (with a note).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -319,8 +318,3 @@ def load_run(
     for member, path in zip(loaded, opened.model_paths, strict=True):
         notes.extend((level, f"{path.name}: {text}") for level, text in member.notes)
     return EnsemblePredictor(run, loaded, opened.gate, "the run's", False, notes)
-
-
-def members_sha256(member_hashes: Sequence[str]) -> str:
-    """One hash for an ensemble's model files, in member order."""
-    return hashlib.sha256("\n".join(member_hashes).encode()).hexdigest()

@@ -38,6 +38,7 @@ from pneumo_cli.core.files import (
 from pneumo_cli.core.locks import folder_lock
 from pneumo_cli.core.progress import ProgressFactory, ProgressFn, stage
 from pneumo_cli.inference.jobs import claim_predict_job, job_identity
+from pneumo_cli.inference.loading import open_predictor
 from pneumo_cli.inference.outputs import (
     PREDICTIONS_FILE,
     REJECTED_FILE,
@@ -46,7 +47,7 @@ from pneumo_cli.inference.outputs import (
     write_rejected,
 )
 from pneumo_cli.inference.postprocess import Gate
-from pneumo_cli.inference.predictor import check_cache_matches, open_predictor
+from pneumo_cli.inference.predictor import check_cache_matches
 from pneumo_cli.inference.shards import select_shard
 from pneumo_cli.inference.sources import (
     Item,

@@ -119,7 +119,7 @@ def serve(
             with ``exit_when_idle_s``, SEGs that could not be sent (they stay in the outbox).
     """
     from pneumo_cli.core.locks import folder_lock
-    from pneumo_cli.inference.predictor import open_predictor
+    from pneumo_cli.inference.loading import open_predictor
     from pneumo_cli.inference.sources import file_loader
 
     load = file_loader(model_settings(run, model, tta))

@@ -33,7 +33,7 @@ class Worker:
     """Predicts the arrivals the intake queues, in arrival order, from :meth:`run`'s thread.
 
     Args:
-        predictor: from ``inference.predictor.open_predictor`` (``probabilities``).
+        predictor: from ``inference.loading.open_predictor`` (``probabilities``).
         gate: the post-processing gate (the run's, with the command's overrides).
         load: ``load(path) -> Item`` for instances left by an earlier run.
         inbox: the node's folders.
