@@ -297,9 +297,10 @@ def _manifest(
     }
 
 
-def _open_models(run: Any) -> tuple[Any, list[tuple[Any, Path]]]:
+def _open_models(run: Any) -> tuple[Any, list[tuple[Any, Path]], bool]:
     """The run (or ensemble) to export as one ``RunForInference`` (for an ensemble: the first
-    member's, with the ensemble's folder and gate) and every (member, model file) it runs.
+    member's, with the ensemble's folder and gate), every (member, model file) it runs, and
+    whether it is several runs given one by one (no folder of its own).
 
     Raises:
         ConfigError: members with other image sizes, input scalings, crop or CLAHE settings.
@@ -313,7 +314,7 @@ def _open_models(run: Any) -> tuple[Any, list[tuple[Any, Path]]]:
     opened = [open_run_for_inference(member) for member in members.runs]
     files = [(o, path) for o in opened for path in o.model_paths]
     if len(files) == 1:
-        return opened[0], files
+        return opened[0], files, False
     check_members_agree(opened)
     first = opened[0]
     for other in opened[1:]:
@@ -331,7 +332,8 @@ def _open_models(run: Any) -> tuple[Any, list[tuple[Any, Path]]]:
         gate = first.gate  # one run's own checkpoints
     else:
         gate, _, _ = ensemble_gate(members, [o.gate for o in opened])
-    return dataclasses.replace(first, run_dir=members.source, gate=gate), files
+    ensemble = dataclasses.replace(first, run_dir=members.source, gate=gate)
+    return ensemble, files, len(opened) > 1 and not members.sweep
 
 
 def _load_models(files: list[tuple[Any, Path]], say: Callable[[str], None]) -> Any:
@@ -391,8 +393,11 @@ def export_run(
     precision = check_request(fmt, quantize, precision)
     say = notify or (lambda message: None)
     started = time.perf_counter()
-    opened, model_files = _open_models(run)
+    opened, model_files, given_one_by_one = _open_models(run)
     run_dir = opened.run_dir
+    if out is None and given_one_by_one:
+        raise UsageError("runs given one by one have no folder of their own for the export; "
+                         "give --out")  # fmt: skip
     out = Path(out) if out is not None else default_out(run_dir, fmt, quantize, precision)
     _check_out(out, overwrite, run_dir)
     members = None

@@ -198,7 +198,8 @@ class EnsemblePredictor:
 
     @property
     def precision_check(self) -> dict[str, Any] | None:
-        checks = {str(m.run_dir): m.precision_check for m in self.members if m.precision_check}
+        checks = {str(getattr(m, "model_path", None) or m.run_dir): m.precision_check
+                  for m in self.members if m.precision_check}  # fmt: skip
         return {"members": checks} if checks else None
 
     @property
