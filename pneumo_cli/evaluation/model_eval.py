@@ -34,6 +34,7 @@ from pneumo_cli.evaluation.members import (
     member_metrics,
     member_scorer,
 )
+from pneumo_cli.inference.ensemble import member_label
 from pneumo_cli.inference.postprocess import (
     POSTPROCESS_FILE,
     Gate,
@@ -200,6 +201,14 @@ def _open_job(
     from pneumo_cli.inference.predictor import check_cache_matches
     from pneumo_cli.inference.sources import cache_sources
 
+    if split is not None:
+        check_choice(Split, split, "--split")
+    check_choice(Resolution, at, "--at")
+    if tune and split not in (None, Split.val):
+        raise ConfigError(
+            f"--tune on the {split} split is refused: tune the gate on val (out of fold for a "
+            "sweep), then score test once"
+        )
     members = resolve_members(run)
     out_of_fold = members.sweep and split is None
     if members.sweep and split == Split.val:
@@ -208,14 +217,6 @@ def _open_job(
             "folds; drop --split to score (and --tune) it out of fold, or use --split test"
         )
     split = OUT_OF_FOLD if out_of_fold else (split or Split.val.value)
-    if not out_of_fold:
-        check_choice(Split, split, "--split")
-    check_choice(Resolution, at, "--at")
-    if tune and split not in (Split.val, OUT_OF_FOLD):
-        raise ConfigError(
-            f"--tune on the {split} split is refused: tune the gate on val (out of fold for a "
-            "sweep), then score test once"
-        )
     if tune and len(members.runs) > 1 and not members.sweep:
         raise ConfigError(
             "--tune on runs given one by one has nowhere to keep the gate: train them as one "
@@ -319,7 +320,7 @@ def _masks(
 def _member_scorer(job: _EvalJob, counts: dict[str, list]) -> Callable:
     ids = {image_id for image_id, _ in job.labelled}
     truth_rle = _read_truth(job.cache_dir, ids) if job.at == Resolution.original else {}
-    names = [str(member.run_dir) for member in job.predictor.members]
+    names = [member_label(member) for member in job.predictor.members]
 
     def masks_of(item: Any, row: Any, prob: np.ndarray, gate: Gate) -> tuple:
         return _masks(job, item, row, prob, gate, truth_rle)
@@ -349,7 +350,7 @@ def _details(job: _EvalJob, gate: Gate, tta: str, tuned: list[Any]) -> dict[str,
         },
         "run": str(job.run_dir),
         "mode": job.mode,
-        "ensemble": [str(m.run_dir) for m in getattr(job.predictor, "members", [])] or None,
+        "ensemble": [member_label(m) for m in getattr(job.predictor, "members", [])] or None,
         "cache": str(job.cache_dir),
         "image_size": size,
         "unlabelled_skipped": job.unlabelled,

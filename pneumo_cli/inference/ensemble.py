@@ -247,6 +247,15 @@ class EnsemblePredictor:
         return self.mean_of(self.member_probabilities(images))
 
 
+def member_label(member: Any) -> str:
+    """How a member is named in reports: its run folder, or for one of a run's top checkpoints
+    (any model file but best.keras) that file."""
+    path = getattr(member, "model_path", None)
+    if path is None or Path(path).name == "best.keras":
+        return str(member.run_dir)
+    return str(path)
+
+
 def _joined(values: Any, separator: str = "+") -> str:
     unique: list[str] = []
     for value in values:
