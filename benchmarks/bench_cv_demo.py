@@ -43,6 +43,11 @@ def _set_use(sweep: Path, use: str) -> None:
         path.write_text(json.dumps({**recorded, "use": use}))
 
 
+def _fold_of(label: str) -> str:
+    """The fold folder a member label names (a run folder, or a model file inside one)."""
+    return next(part for part in reversed(Path(label).parts) if part.startswith("fold"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="folder to keep (default: a temporary one)")
@@ -84,7 +89,7 @@ def main() -> None:
         oof = evaluate_run(copy, tune=True).evaluation.metrics
         test = evaluate_run(copy, split="test").evaluation.metrics
         for member in test["members"]:
-            rows.append((use, Path(member["run"]).name, member["mean_dice"],
+            rows.append((use, _fold_of(member["run"]), member["mean_dice"],
                          member["positive_mean_dice"], None))  # fmt: skip
         rows.append((use, "ensemble", test["mean_dice"], test["positive_mean_dice"],
                      oof["mean_dice"]))  # fmt: skip

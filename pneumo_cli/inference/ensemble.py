@@ -134,7 +134,7 @@ def ensemble_gate(members: Members, gates: Sequence[Gate]) -> tuple[Gate, str, l
     path = members.gate_path
     if path is not None:
         if path.is_file():
-            return load_gate(path), str(path), []
+            return load_gate(path), str(path.absolute()), []
         return Gate(), "default", []
     if all(gate == gates[0] for gate in gates):
         return gates[0], "members' own", []
