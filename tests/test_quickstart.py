@@ -139,7 +139,7 @@ def test_siim_recipe_script_runs_on_the_kaggle_layout(tiny_run, tmp_path):
             "0.8:0.4",
             64,
         )
-        assert (config["fold"], config["keep_top"], config["top_use"]) == (fold, 3, "ensemble")
+        assert (config["fold"], config["keep_top"], config["top_use"]) == (fold, 3, "average")
     assert (sweep / "postprocess.json").is_file()  # tuned out of fold
     oof = json.loads((sweep / "eval-oof" / "metrics.json").read_text())
     assert oof["mode"] == "out-of-fold" and len(oof["members"]) == 2
