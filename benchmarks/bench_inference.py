@@ -108,6 +108,7 @@ def main() -> None:
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
 
+    from pneumo_cli.core.errors import UsageError
     from pneumo_cli.inference.predictor import load_predictor
     from pneumo_cli.inference.sources import file_loader, file_sources
 
@@ -122,7 +123,10 @@ def main() -> None:
         for engine in ("keras", "openvino"):
             for precision in ("fp32", "bf16"):  # bf16 is emulated on CPUs without it
                 name = f"{precision} {engine}"
-                settings[name] = load_predictor(run, precision=precision, engine=engine)
+                try:
+                    settings[name] = load_predictor(run, precision=precision, engine=engine)
+                except UsageError as error:  # e.g. OpenVINO bf16 on a CPU without bf16
+                    print(f"{name}: not run ({error})")
         paths = real_inputs(root / "inputs", args.copies)
         sources, _ = file_sources(paths)
         load = file_loader(auto.settings, sources)

@@ -215,8 +215,9 @@ def run_prediction(tiny_run, real_train_dicoms, tmp_path_factory):
 def assert_same_masks(out: Path, run_prediction) -> None:
     """Masks from an export equal the run's, except pixels whose probability lies within the
     float32 tolerance of the 0.5 threshold (bilinear upsampling to 1024 x 1024 can put a pixel
-    there); only such borderline pixels may differ, and at most 64 of the 3 x 1,048,576 (how
-    many sit at the threshold depends on how the barely trained tiny run came out)."""
+    there); only such borderline pixels may differ, and at most 0.01% of the 3 x 1,048,576 (how
+    many sit at the threshold depends on how the barely trained tiny run came out on this CPU:
+    64 were seen on an AVX512 machine, 99 on an AVX2-only one)."""
     _, rows, masks, probs = run_prediction
     got_rows, got_masks = _read_outputs(out)
     assert [r["ImageId"] for r in got_rows] == [r["ImageId"] for r in rows]
@@ -227,7 +228,7 @@ def assert_same_masks(out: Path, run_prediction) -> None:
         differing += int(where.sum())
         # probability x 255, rounded: 0.5 is 127.5, so borderline pixels read 127 or 128.
         assert set(np.unique(probs[image_id][where])) <= {127, 128}
-    assert differing <= 64
+    assert differing <= 1e-4 * sum(mask.size for mask in masks.values())
     for got, expected in zip(got_rows, rows, strict=True):
         assert got["has_pneumothorax"] == expected["has_pneumothorax"]
         assert abs(int(got["area_px"]) - int(expected["area_px"])) <= 64
