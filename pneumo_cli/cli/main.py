@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -17,7 +19,7 @@ import typer
 
 from pneumo_cli import __version__
 from pneumo_cli.cli.console import print_error
-from pneumo_cli.core.errors import PneumoError, UsageError
+from pneumo_cli.core.errors import ClusterLostError, PneumoError, UsageError
 
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 EXIT_CODES_HELP = "Exit codes: 0 success, 1 bad input or data, 2 usage error."
@@ -42,6 +44,13 @@ def error_boundary(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except ClusterLostError as exc:
+            # The run's state is on disk; normal exit would run TensorFlow's teardown, which
+            # can wait forever for the dead peer (seen: the chief printed this and hung).
+            print_error(str(exc))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         except PneumoError as exc:
             print_error(str(exc))
             raise typer.Exit(code=2 if isinstance(exc, UsageError) else 1) from None

@@ -32,6 +32,12 @@ class ConfigError(PneumoError):
     """A setting is invalid, or a run/cache was written with settings that do not fit."""
 
 
+class ClusterLostError(ConfigError):
+    """A multi-worker run lost a peer; its state is saved. TensorFlow's collective and
+    coordination teardown can then block at interpreter exit waiting for the dead peer, so the
+    command line ends the process at once after printing this (exit code 1)."""
+
+
 class UsageError(ConfigError):
     """An option value this machine or command cannot honour (exit code 2, like Typer's usage
     errors), found only once the library looks (``--precision fp16`` without a GPU)."""

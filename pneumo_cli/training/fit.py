@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumo_cli.core.config import TrainConfig, parse_pos_fraction
-from pneumo_cli.core.errors import ConfigError
+from pneumo_cli.core.errors import ClusterLostError, ConfigError
 from pneumo_cli.core.files import atomic_write_json
 from pneumo_cli.data import pipeline as data_pipeline
 from pneumo_cli.engine import tf as tf_engine
@@ -178,7 +178,7 @@ def fit_run(
 
     Raises:
         KeyboardInterrupt: after saving the state (status "interrupted").
-        ConfigError: another worker of a multi-worker run was lost (the state is saved).
+        ClusterLostError: another worker of a multi-worker run was lost (the state is saved).
     """
     tf = tf_engine.import_tf()
     global_batch = config.batch_size * placement.replicas
@@ -287,14 +287,14 @@ def _save_interrupted(recorder: _Recorder) -> None:
     recorder.write_summary()
 
 
-def _lost_worker(exc: Exception, run_dir: Path, epoch: int, is_chief: bool) -> ConfigError:
+def _lost_worker(exc: Exception, run_dir: Path, epoch: int, is_chief: bool) -> ClusterLostError:
     """The one-line error for a multi-worker run that lost a worker mid-epoch."""
     why = {
         "DeadlineExceededError": f"a collective waited over {COLLECTIVE_TIMEOUT_S} s",
         "UnavailableError": f"a worker died or was silent for {HEARTBEAT_TIMEOUT_S} s",
     }.get(type(exc).__name__, "the cluster aborted the step")
     resume = str(run_dir) if is_chief else "RUN"
-    return ConfigError(
+    return ClusterLostError(
         f"lost contact with another worker during epoch {epoch + 1} "
         f"({type(exc).__name__}: {why}); the last checkpoint is epoch {epoch}: "
         f"restart every worker with `pneumo train --resume {resume} --multi-worker`, or "
