@@ -298,3 +298,29 @@ def test_tf_command_error_is_the_last_stderr_line_of_a_real_process(tf_files) ->
     assert "Traceback" not in done.stderr
     assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
     assert "Lambda layer" in lines[-1]
+
+
+def test_a_lost_cluster_peer_ends_the_process_at_once_with_its_message(tmp_path: Path) -> None:
+    """ClusterLostError skips interpreter teardown (where TensorFlow can wait for the dead
+    peer): exit 1, the message on stderr, and no atexit handler run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lost.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "from pneumo_cli.cli.main import error_boundary\n"
+        "from pneumo_cli.core.errors import ClusterLostError\n"
+        "atexit.register(lambda: sys.stderr.write('teardown ran\\n'))\n"
+        "@error_boundary\n"
+        "def command():\n"
+        "    raise ClusterLostError('lost contact with another worker during epoch 2')\n"
+        "command()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "error: lost contact with another worker during epoch 2" in done.stderr
+    assert "teardown ran" not in done.stderr
