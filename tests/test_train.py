@@ -44,6 +44,8 @@ class Recorder:
         self.steps_seen: list[int] = []
         self.notes: list[str] = []
         self.interrupt_after = interrupt_after
+        self.snapshot_of: Path | None = None  # a model file to keep a copy of at each epoch end
+        self.snapshots: list[bytes] | None = None
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -61,6 +63,8 @@ class Recorder:
 
     def epoch_done(self, row: dict[str, Any], epochs: int) -> None:
         self.rows.append(row)
+        if self.snapshots is not None:  # the epoch's last.keras, written before this call
+            self.snapshots.append(self.snapshot_of.read_bytes())
         if row["epoch"] == self.interrupt_after:
             raise KeyboardInterrupt
 
@@ -73,6 +77,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_path: Path) -> None:
     config = TrainConfig(cache=str(cache), epochs=4, steps_per_epoch=15, **FAST)
     reporter = Recorder()
+    reporter.snapshot_of, reporter.snapshots = tmp_path / "runs" / "train" / "last.keras", []
     result = train.train_model(config, tmp_path / "runs", reporter=reporter)
 
     history = runs.read_history(result.run_dir)
@@ -115,6 +120,15 @@ def test_overfits_eight_synthetic_images_and_writes_the_run(cache: Path, tmp_pat
     assert summary["images_per_s"] == pytest.approx(sum(speeds) / 4, abs=1e-3)
     with open(run_dir / "curves.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # best.keras is the network of the best epoch (copied from that epoch's last.keras), and no
+    # other epoch's.
+    epochs = []
+    for epoch, data in enumerate(reporter.snapshots, start=1):
+        (tmp_path / f"epoch{epoch}.keras").write_bytes(data)
+        epochs.append(saving.weights_sha256(saving.load_model(tmp_path / f"epoch{epoch}.keras")))
+    best = saving.weights_sha256(saving.load_model(run_dir / "best.keras"))
+    assert len(set(epochs)) == 4 and best == epochs[result.best_epoch - 1]
 
     # last.keras is the final network: it predicts like a fresh load of itself and gives
     # masks, not constants.

@@ -69,10 +69,10 @@ class _Recorder:
             row[key] = float(logs.get(key, float("nan")))
         state = self.state
         state["epoch"], state["seconds"] = epoch + 1, state["seconds"] + row["seconds"]
-        if _better(row["val_dice"], state["best_val_dice"]):
+        improved = _better(row["val_dice"], state["best_val_dice"])
+        if improved:
             state.update(best_epoch=epoch + 1, best_val_dice=row["val_dice"], since_best=0)
             state["plateau_wait"] = 0
-            saving.save_model(self.net, self.run_dir / runs.BEST_MODEL_FILE)
         else:
             state["since_best"] += 1
             state["plateau_wait"] += 1
@@ -93,13 +93,17 @@ class _Recorder:
             self.optimizer.learning_rate.assign(new_lr)
             state["plateau_wait"] = 0
             self.reporter.note(f"validation Dice flat: learning rate {lr:.3g} -> {new_lr:.3g}")
-        self.save_state(status)
+        self.save_state(status, best=improved)
         self.reporter.epoch_done(row, self.config.epochs)
 
-    def save_state(self, status: str) -> None:
-        """Write last.keras, the optimizer checkpoint, history, curves, then state.json."""
+    def save_state(self, status: str, best: bool = False) -> None:
+        """Write last.keras (copied to best.keras when ``best``: the epoch is the best so far),
+        the optimizer checkpoint, history, curves, then state.json."""
         tf = tf_engine.import_tf()
-        saving.save_model(self.net, self.run_dir / runs.LAST_MODEL_FILE)
+        last = self.run_dir / runs.LAST_MODEL_FILE
+        saving.save_model(self.net, last)
+        if best:
+            saving.copy_model_file(last, self.run_dir / runs.BEST_MODEL_FILE)
         prefix = f"{STATE_DIR}/epoch-{self.state['epoch']:04d}"
         checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer)
         checkpoint.write(str(self.run_dir / prefix))
