@@ -291,7 +291,10 @@ def test_orthanc_routes_new_xrays_to_pneumo_with_the_documented_script(
     found = wait_for(lambda: uid in (s := segs_by_source(pacs, {})) and s, 60,
                      "Orthanc routing the X-ray to pneumo and storing its SEG")  # fmt: skip
     assert found[uid].SeriesDescription.startswith("pneumo")
-    assert uid in {line["sop_instance_uid"] for line in node.events("done")}
+    # The node logs "done" once its C-STORE has returned, which can be after Orthanc shows the
+    # SEG (seen in CI): wait for the line rather than read the log at once.
+    wait_for(lambda: uid in {line["sop_instance_uid"] for line in node.events("done")}, 30,
+             "the node's 'done' line for the routed X-ray")  # fmt: skip
 
 
 def test_an_instance_sent_again_and_again_at_once_is_one_instance(
