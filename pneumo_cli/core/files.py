@@ -96,6 +96,22 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _replacing(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; renamed over ``target`` when the block
+    ends, removed when it fails (an OSError becomes an OutputError naming ``target``)."""
+    tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException as exc:  # also a signal's exception: never leave the temporary
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
 
@@ -106,22 +122,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
         OutputError: the folder is missing, read-only or full; nothing is left behind.
     """
     target = Path(path)
-    tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:  # also a signal's exception: never leave the temporary
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
-        raise
+    with _replacing(target) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
     if fsync:
         _fsync_dir(target.parent)
+
+
+def atomic_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Copy the file ``source`` to ``path`` atomically, like :func:`atomic_write_bytes`.
+
+    Raises:
+        OutputError: ``path`` cannot be written; nothing is left behind.
+    """
+    import shutil
+
+    with _replacing(Path(path)) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> None:

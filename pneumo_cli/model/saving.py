@@ -58,31 +58,6 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
         raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
 
 
-def copy_model_file(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Copy a saved ``.keras`` file to ``target`` atomically (a second name for the same model
-    without serialising the network again).
-
-    Raises:
-        OutputError: the folder cannot be written; nothing is left behind.
-    """
-    import shutil
-
-    from pneumo_cli.core.errors import OutputError
-    from pneumo_cli.core.files import TEMP_PREFIX, describe_os_error
-
-    target = Path(target)
-    tmp = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{target.name}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException as exc:  # also a signal's exception: never leave the temporary
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {target}: {describe_os_error(exc)}") from None
-        raise
-
-
 # A .keras file is a zip archive; these are the members pneumo's own models have.
 _KERAS_CONFIG = "config.json"
 _KERAS_WEIGHTS = "model.weights.h5"

@@ -11,7 +11,7 @@ from typing import Any
 
 from pneumo_cli.core.config import TrainConfig, parse_pos_fraction
 from pneumo_cli.core.errors import ClusterLostError, ConfigError
-from pneumo_cli.core.files import atomic_write_json
+from pneumo_cli.core.files import atomic_copy, atomic_write_json
 from pneumo_cli.data import pipeline as data_pipeline
 from pneumo_cli.engine import tf as tf_engine
 from pneumo_cli.engine.native_log import native_noise_dropped
@@ -103,7 +103,7 @@ class _Recorder:
         last = self.run_dir / runs.LAST_MODEL_FILE
         saving.save_model(self.net, last)
         if best:
-            saving.copy_model_file(last, self.run_dir / runs.BEST_MODEL_FILE)
+            atomic_copy(last, self.run_dir / runs.BEST_MODEL_FILE)  # the same network
         prefix = f"{STATE_DIR}/epoch-{self.state['epoch']:04d}"
         checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer)
         checkpoint.write(str(self.run_dir / prefix))
