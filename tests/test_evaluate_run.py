@@ -111,6 +111,11 @@ def test_refusals(tiny_run, tmp_path):
     result = invoke("evaluate", "--run", tiny_run["run"], "--cache", cache, "--split", "train")
     assert result.exit_code == 1 and "preprocessed differently" in result.output
     assert "image_size 96 vs 64" in result.output
+    settings["settings"]["image_size"] = 64
+    settings["settings"]["downscale_first"] = True  # the pixels differ, the size does not
+    (cache / "preprocess.json").write_text(json.dumps(settings))
+    result = invoke("evaluate", "--run", tiny_run["run"], "--cache", cache, "--split", "train")
+    assert result.exit_code == 1 and "downscale_first True vs False" in result.output
 
 
 @pytest.mark.slow

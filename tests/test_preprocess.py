@@ -248,6 +248,106 @@ def test_rerun_reuses_everything_and_other_settings_are_refused(
         run_preprocess(siim_raw, cache, PreprocessConfig())
 
 
+# --- --downscale-first ---------------------------------------------------------------------------
+
+
+def test_reduction_is_the_largest_power_of_two_keeping_the_shorter_side() -> None:
+    from pneumo_cli.core.image_files import reduced_shape, reduction_for
+
+    assert reduction_for((1024, 1024), 512) == 2
+    assert reduction_for((1024, 1024), 128) == 8
+    assert reduction_for((1024, 1024), 1025) == 1
+    assert reduction_for((1023, 1017), 512) == 1  # 509 px at 1/2: too short
+    assert reduction_for((1000, 3000), 250) == 4
+    assert reduction_for((4096, 4096), None) == 1
+    assert reduced_shape((1023, 1017), 2) == (512, 509)  # rounded up, like a JPEG decoder
+
+
+def test_real_jpeg_dicom_decodes_at_reduced_scale(
+    real_train_dicoms: dict[str, Path], tmp_path: Path
+) -> None:
+    path = real_train_dicoms[UID_6904]
+    whole = read_xray(path)
+    half = read_xray(path, min_side=512)
+    assert (whole.reduction, whole.original_shape, whole.image.shape) == (1,) + ((1024, 1024),) * 2
+    assert (half.reduction, half.original_shape, half.image.shape) == (2, (1024, 1024), (512, 512))
+    assert (half.meta["rows"], half.meta["cols"]) == (1024, 1024)
+    assert half.image_id == whole.image_id
+    assert [read_xray(path, min_side=side).reduction for side in (256, 1024)] == [4, 1]
+    area = cv2.resize(whole.image, (512, 512), interpolation=cv2.INTER_AREA).astype(int)
+    difference = np.abs(half.image.astype(int) - area)
+    assert difference.mean() < 0.5 and difference.max() <= 8  # DCT scaling ~ block means
+    # Uncompressed and padded images are decoded whole: padding must be seen value by value.
+    pixels = _fake_xray(np.random.default_rng(3), 512)
+    write_dicom(tmp_path / "raw.dcm", pixels, jpeg=False)
+    write_dicom(tmp_path / "padded.dcm", pixels, extra={"PixelPaddingValue": 0})
+    write_dicom(tmp_path / "jpeg.dcm", pixels)
+    found = {name: read_xray(tmp_path / f"{name}.dcm", min_side=128).reduction
+             for name in ("raw", "padded", "jpeg")}  # fmt: skip
+    assert found == {"raw": 1, "padded": 1, "jpeg": 4}
+
+
+def test_downscale_first_prepares_every_source_of_an_xray_alike(
+    real_train_dicoms: dict[str, Path], siim: Path
+) -> None:
+    from pneumo_cli.data.imaging import decoded_min_side
+
+    fast = PreprocessConfig(downscale_first=True)
+    default = PreprocessConfig()
+    paths = [*real_train_dicoms.values(), siim / "dicom-odd" / "stage2_ID_0011fe81e.dcm"]
+    for path in paths:
+        whole = read_xray(path)
+        small = read_xray(path, min_side=decoded_min_side(fast))
+        decoded = prepare_image(
+            small.image, fast, reduction=small.reduction, original_shape=small.original_shape
+        )
+        shrunk = prepare_image(whole.image, fast)  # the full image, shrunk by area averaging
+        paper = prepare_image(whole.image, default)
+        assert decoded.crop == shrunk.crop and decoded.original_shape == (1024, 1024)
+        assert all(abs(a - b) <= 2 for a, b in zip(decoded.crop, paper.crop, strict=True))
+        assert np.abs(decoded.image.astype(int) - shrunk.image).mean() < 1.5
+        # The other order of CLAHE and resizing gives other pixels: the setting is not a no-op.
+        assert np.abs(decoded.image.astype(int) - paper.image).mean() > 2
+    with pytest.raises(ValueError, match="does not fit these settings"):
+        prepare_image(small.image, default, reduction=2, original_shape=(1024, 1024))
+    with pytest.raises(ValueError, match="does not fit these settings"):
+        prepare_image(small.image[:100], fast, reduction=2, original_shape=(1024, 1024))
+
+
+def test_downscale_first_cache_matches_what_predict_prepares(
+    siim_raw: Path, real_rle_csv: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from pneumo_cli.cli.main import app
+    from pneumo_cli.inference.sources import file_loader
+
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(
+        app,
+        ["preprocess", str(siim_raw), str(cache), "--rle", str(real_rle_csv), "--downscale-first",
+         "-j", "1", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    settings = load_cache_settings(cache)
+    assert settings == PreprocessConfig(downscale_first=True)
+    rows = load_manifest(cache).set_index("ImageId")
+    for image_id, area in REAL_TRAIN_AREAS.items():
+        assert rows.loc[image_id, "mask_area_px"] == area  # masks stay at original resolution
+    stage2 = rows.loc["stage2_ID_0011fe81e"]
+    assert (stage2["orig_height"], stage2["orig_width"]) == (1024, 1024)
+    assert abs(stage2["crop_left"] - 24) <= 2 and stage2["crop_right"] == 1024
+    load = file_loader(settings)
+    for image_id, row in rows.iterrows():
+        item = load(siim_raw / row["source"])
+        assert item.image_id == image_id
+        cached = read_grey_png(cache / row["image"])
+        np.testing.assert_array_equal(item.image, cached)  # predict sees the training pixels
+        assert item.crop == tuple(row[f"crop_{s}"] for s in ("top", "bottom", "left", "right"))
+    with pytest.raises(ConfigError, match="downscale_first True -> False"):
+        run_preprocess(siim_raw, cache, PreprocessConfig(), rle_csv=real_rle_csv)
+
+
 # --- synthetic files ----------------------------------------------------------------------------
 
 

@@ -65,6 +65,16 @@ def preprocess_command(
         int, typer.Option("--clahe-grid", min=1, max=64, help="CLAHE tiles per side.")
     ] = _DEFAULTS.clahe_grid,
     no_clahe: Annotated[bool, typer.Option("--no-clahe", help="No contrast correction.")] = False,
+    downscale_first: Annotated[
+        bool,
+        typer.Option(
+            "--downscale-first",
+            help="Shrink each X-ray by a power of two (JPEG DICOMs decoded at 1/2, 1/4 or 1/8 "
+            "scale) before the crop and apply CLAHE after the resize: ~3x less work per image "
+            "in preprocess, predict and serve, different pixels than the default order. "
+            "Runs trained on such a cache predict the same way.",
+        ),
+    ] = False,
     min_size: Annotated[
         int,
         typer.Option("--min-size", min=1, help="Reject images with a side shorter than this."),
@@ -144,6 +154,7 @@ def preprocess_command(
             clahe=not no_clahe,
             clahe_clip=clahe_clip,
             clahe_grid=clahe_grid,
+            downscale_first=downscale_first,
             min_image_px=min_size,
             val_fraction=val_fraction,
             test_fraction=test_fraction,

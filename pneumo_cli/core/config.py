@@ -187,6 +187,10 @@ class PreprocessConfig:
     every re-run (a cache is only resumed with the settings it was started with).
 
     Image steps, in order: crop of the uniform dark border, CLAHE, resize to ``image_size``.
+    With ``downscale_first`` the X-ray is first brought to between 2x and 4x ``image_size`` (a
+    JPEG DICOM is decoded at 1/2, 1/4 or 1/8 scale, anything else shrunk by area averaging by
+    the same power of two), the crop found there, and CLAHE applied after the resize: about 3x
+    less work per image, different pixels (a run must predict with the setting it trained on).
     """
 
     image_size: int = 256
@@ -196,6 +200,7 @@ class PreprocessConfig:
     clahe: bool = True
     clahe_clip: float = 2.0
     clahe_grid: int = 8
+    downscale_first: bool = False  # decode/shrink before the crop; CLAHE after the resize
     min_image_px: int = 128  # images with a side shorter than this are rejected as too small
     val_fraction: float = 0.1
     test_fraction: float = 0.1

@@ -33,6 +33,23 @@ def check_image_pixels(path: str | os.PathLike[str], rows: int, cols: int) -> No
         )
 
 
+def reduction_for(shape: tuple[int, int], min_side: int | None) -> int:
+    """The largest of 8, 4 and 2 that shrinks an image of ``shape`` (H, W) to a shorter side of
+    at least ``min_side`` (sides rounded up, as a JPEG decoder scales them); 1 when none does or
+    ``min_side`` is None."""
+    if min_side is None:
+        return 1
+    for factor in (8, 4, 2):
+        if -(-min(shape) // factor) >= min_side:
+            return factor
+    return 1
+
+
+def reduced_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(H, W) divided by ``factor``, rounded up."""
+    return -(-shape[0] // factor), -(-shape[1] // factor)
+
+
 def raster_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     """(rows, cols) of a PNG, JPEG or BMP read from its header alone; None for another format
     or a header that cannot be parsed (the decoder then has the last word)."""

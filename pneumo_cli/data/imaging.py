@@ -1,7 +1,8 @@
 """Image steps of the cache, and their inverse for predictions (numpy + OpenCV, no TensorFlow).
 
 Forward (``pneumo preprocess``): crop the uniform dark border, CLAHE contrast correction, resize
-to ``image_size`` x ``image_size``. The crop box is kept so that :func:`restore_to_original` maps
+to ``image_size`` x ``image_size`` (with ``downscale_first``: shrink by a power of two, crop,
+resize, then CLAHE). The crop box is kept so that :func:`restore_to_original` maps
 a prediction made on the cached image back to the original pixels. ``pneumo predict`` calls these
 same functions, so training and prediction inputs are prepared identically.
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_cli.core.config import PreprocessConfig
+from pneumo_cli.core.image_files import reduced_shape, reduction_for
 
 # (top, bottom, left, right): rows [top, bottom), columns [left, right), in original pixels.
 Box = tuple[int, int, int, int]
@@ -89,22 +91,67 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def prepare_image(image: np.ndarray, settings: PreprocessConfig) -> Prepared:
+def decoded_min_side(settings: PreprocessConfig) -> int | None:
+    """The shorter side an X-ray may be decoded down to before :func:`prepare_image` (twice
+    ``image_size`` with ``downscale_first``), or None: decode it whole."""
+    return 2 * settings.image_size if settings.downscale_first else None
+
+
+def prepare_image(
+    image: np.ndarray,
+    settings: PreprocessConfig,
+    *,
+    reduction: int = 1,
+    original_shape: tuple[int, int] | None = None,
+) -> Prepared:
     """Crop, CLAHE and resize a uint8 (H, W) X-ray (air dark) as ``settings`` say.
 
+    ``image`` is the whole X-ray, or with ``reduction`` > 1 the X-ray decoded at that fraction
+    of its ``original_shape`` (``read_xray(..., min_side=decoded_min_side(settings))``). With
+    ``settings.downscale_first`` an image still larger than that rule allows is first shrunk by
+    area averaging, so every source of the same X-ray is prepared at the same scale; the crop is
+    found on the small image and CLAHE applied after the resize.
+
     Returns a :class:`Prepared` with the uint8 (S, S) image and the crop box in original pixels.
+
+    Raises:
+        ValueError: not uint8 (H, W), or a ``reduction`` the settings do not allow.
     """
+    import cv2
+
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"prepare_image needs uint8 (H, W), got {image.dtype} {image.shape}")
-    height, width = image.shape
-    crop = (0, height, 0, width)
+    height, width = original_shape or image.shape
+    wanted = reduction_for((height, width), decoded_min_side(settings))
+    if (
+        reduction > wanted
+        or wanted % reduction
+        or image.shape != reduced_shape((height, width), reduction)
+    ):
+        raise ValueError(
+            f"prepare_image: an image of {image.shape} decoded at 1/{reduction} of "
+            f"{(height, width)} does not fit these settings (1/{wanted})"
+        )
+    if wanted > reduction:
+        small_height, small_width = reduced_shape((height, width), wanted)
+        image = cv2.resize(image, (small_width, small_height), interpolation=cv2.INTER_AREA)
+    small = (0, image.shape[0], 0, image.shape[1])
     if settings.crop_border:
-        crop = detect_crop(image, settings.crop_threshold, settings.crop_min_keep)
-    top, bottom, left, right = crop
+        small = detect_crop(image, settings.crop_threshold, settings.crop_min_keep)
+    top, bottom, left, right = small
     region = image[top:bottom, left:right]
-    if settings.clahe:
+    if settings.clahe and not settings.downscale_first:
         region = apply_clahe(region, settings.clahe_clip, settings.clahe_grid)
-    return Prepared(resize_image(region, settings.image_size), crop, (height, width))
+    prepared = resize_image(region, settings.image_size)
+    if settings.clahe and settings.downscale_first:
+        prepared = apply_clahe(prepared, settings.clahe_clip, settings.clahe_grid)
+    crop = (
+        top * wanted,
+        min(bottom * wanted, height),
+        left * wanted,
+        min(right * wanted, width),
+    )
+    return Prepared(prepared, crop, (height, width))
 
 
 def prepare_mask(mask: np.ndarray, crop: Box, settings: PreprocessConfig) -> np.ndarray:

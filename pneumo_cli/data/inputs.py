@@ -19,7 +19,7 @@ from pneumo_cli.core.files import atomic_write_text
 from pneumo_cli.core.patient_key import PatientKeySecret
 from pneumo_cli.core.progress import ProgressFn
 from pneumo_cli.core.workers import MapFn
-from pneumo_cli.data.imaging import prepare_image, prepare_mask
+from pneumo_cli.data.imaging import decoded_min_side, prepare_image, prepare_mask
 
 
 @dataclass(frozen=True)
@@ -169,9 +169,9 @@ def _process_one(
     from pneumo_cli.io.dicom_read import read_xray
     from pneumo_cli.io.rle import encode_rle
 
-    xray = read_xray(item.path, patient_secret=secret)
+    xray = read_xray(item.path, patient_secret=secret, min_side=decoded_min_side(settings))
     image = xray.image
-    height, width = image.shape
+    height, width = xray.original_shape
     if min(height, width) < settings.min_image_px:
         raise InputError(
             f"too small ({width}x{height} px; the minimum side is {settings.min_image_px} px)"
@@ -179,7 +179,9 @@ def _process_one(
     if int(image.min()) == int(image.max()):
         raise InputError(_constant_reason(xray))
     mask = _load_mask(label, height, width, item)
-    prepared = prepare_image(image, settings)
+    prepared = prepare_image(
+        image, settings, reduction=xray.reduction, original_shape=xray.original_shape
+    )
     image_name = f"images/{item.image_id}.png"
     write_png(cache / image_name, prepared.image)
     mask_name = ""

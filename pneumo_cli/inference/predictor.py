@@ -27,6 +27,7 @@ PIXEL_SETTINGS = (
     "clahe",
     "clahe_clip",
     "clahe_grid",
+    "downscale_first",
 )
 
 

@@ -69,14 +69,17 @@ def file_loader(
     The Item's ImageId is the one :func:`file_sources` gave the path (``sources``), else the one
     :func:`~pneumo_cli.io.dicom_read.read_xray` forms for the file on its own.
     """
-    from pneumo_cli.data.imaging import prepare_image
+    from pneumo_cli.data.imaging import decoded_min_side, prepare_image
     from pneumo_cli.io.dicom_read import read_xray
 
     image_ids = {path: image_id for image_id, path in sources or ()}
+    min_side = decoded_min_side(settings)
 
     def load(path: Path) -> Item:
-        xray = read_xray(path)
-        prepared = prepare_image(xray.image, settings)
+        xray = read_xray(path, min_side=min_side)
+        prepared = prepare_image(
+            xray.image, settings, reduction=xray.reduction, original_shape=xray.original_shape
+        )
         image_id = image_ids.get(path, xray.image_id)
         return Item(image_id, prepared.image, prepared.crop, prepared.original_shape, path)
 

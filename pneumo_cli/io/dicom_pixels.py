@@ -13,13 +13,16 @@ from pneumo_cli.core.errors import DicomError
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
-def decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
+def decode_grey_baseline(ds: Any, path: Path, reduction: int = 1) -> np.ndarray | None:
     """Decode a one-frame, one-sample, 8-bit JPEG Baseline image with OpenCV; None otherwise.
 
     Baseline decoders may differ by one grey level from each other (the JPEG standard allows it);
     libjpeg-turbo differs from pylibjpeg on about 3% of a SIIM image's pixels, by exactly 1.
     A stream OpenCV cannot decode (truncated, no end-of-image marker) is corrupt: pylibjpeg would
     silently fill the missing part, so it is refused here instead.
+
+    ``reduction`` 2, 4 or 8 decodes at that fraction of the size (libjpeg's DCT scaling: the
+    sides divided and rounded up, each output pixel close to the mean of the block it covers).
     """
     syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
     if (
@@ -32,17 +35,25 @@ def decode_grey_baseline(ds: Any, path: Path) -> np.ndarray | None:
     from pydicom.encaps import generate_frames
 
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    flags = {
+        1: cv2.IMREAD_UNCHANGED,
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    }
+    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), flags[reduction])
     if pixels is None:
         raise DicomError(
             f"{path}: JPEG pixel data is truncated or corrupt (it does not decode completely); "
             "re-export the file from the archive"
         )
-    expected = (int_or_none(ds.get("Rows")), int_or_none(ds.get("Columns")))
+    rows, cols = int_or_none(ds.get("Rows")), int_or_none(ds.get("Columns"))
+    expected = (-(-(rows or 0) // reduction), -(-(cols or 0) // reduction))
     if pixels.ndim != 2 or pixels.dtype != np.uint8 or pixels.shape != expected:
+        shape = pixels.shape if reduction == 1 else f"{pixels.shape} at 1/{reduction} scale"
         raise DicomError(
-            f"{path}: JPEG pixel data has shape {pixels.shape} but the header says "
-            f"{expected[0]} rows x {expected[1]} columns of grey; re-export the file"
+            f"{path}: JPEG pixel data has shape {shape} but the header says "
+            f"{rows} rows x {cols} columns of grey; re-export the file"
         )
     return pixels
 

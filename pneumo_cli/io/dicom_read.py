@@ -36,7 +36,7 @@ import numpy as np
 
 from pneumo_cli.core.errors import DicomError, InputError, shorten_reason
 from pneumo_cli.core.files import check_image_id, decode_image_file, image_file_size
-from pneumo_cli.core.image_files import check_image_pixels
+from pneumo_cli.core.image_files import check_image_pixels, reduction_for
 from pneumo_cli.core.patient_key import PatientKeySecret
 from pneumo_cli.io.dicom_pixels import (
     decode_grey_baseline,
@@ -70,21 +70,37 @@ class XRay:
             secret given to :func:`read_xray`; "" without a PatientID or a secret).
         stored_range: only when ``image`` is constant, the (min, max) of the values stored in
             the file (a constant 16-bit image of 77 is 0 after scaling: say 77, not 0).
+        reduction: 1, or the factor (2, 4, 8) by which the JPEG was decoded smaller (see
+            :func:`read_xray`'s ``min_side``); ``image`` then has the sides of
+            :attr:`original_shape` divided by it, rounded up.
     """
 
     image: np.ndarray
     image_id: str
     meta: dict[str, Any] = field(default_factory=dict)
     stored_range: tuple[float, float] | None = None
+    reduction: int = 1
+    original_shape: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.original_shape == (0, 0):
+            self.original_shape = (int(self.image.shape[0]), int(self.image.shape[1]))
 
 
 def read_xray(
-    path: str | os.PathLike[str], *, patient_secret: PatientKeySecret | None = None
+    path: str | os.PathLike[str],
+    *,
+    patient_secret: PatientKeySecret | None = None,
+    min_side: int | None = None,
 ) -> XRay:
     """Read a DICOM, PNG or JPEG chest X-ray as an :class:`XRay` (uint8 (H, W), air dark).
 
     DICOM is recognised by a ``.dcm``/``.dicom`` suffix or by the ``DICM`` preamble. With
     ``patient_secret`` the PatientID becomes ``meta["patient_key"]``; without, that is "".
+    With ``min_side``, a grey 8-bit JPEG Baseline DICOM without pixel padding is decoded at the
+    smallest power-of-two fraction (1/2, 1/4, 1/8) that keeps its shorter side at least
+    ``min_side`` (:func:`~pneumo_cli.core.image_files.reduction_for`), which is quicker;
+    ``reduction`` says by how much. Every other file is decoded whole (``reduction`` 1).
 
     Raises:
         DicomError: the DICOM has no pixel data, cannot be decoded, is multi-frame, or has an
@@ -98,7 +114,7 @@ def read_xray(
     if suffix in RASTER_SUFFIXES:
         return _read_raster(path)
     if suffix in DICOM_SUFFIXES or has_dicom_preamble(path):
-        return _read_dicom(path, patient_secret)
+        return _read_dicom(path, patient_secret, min_side)
     raise InputError(f"{path}: not a DICOM, PNG or JPEG file (no DICM preamble, unknown suffix)")
 
 
@@ -241,7 +257,7 @@ def _empty_meta() -> dict[str, Any]:
     }
 
 
-def _read_dicom(path: Path, secret: PatientKeySecret | None) -> XRay:
+def _read_dicom(path: Path, secret: PatientKeySecret | None, min_side: int | None) -> XRay:
     # Stage-2 SIIM files carry invalid UIDs ("ID_0011fe81e"); pydicom warns, we read on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -261,18 +277,24 @@ def _read_dicom(path: Path, secret: PatientKeySecret | None) -> XRay:
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
         rows, cols = int_or_none(ds.get("Rows")) or 0, int_or_none(ds.get("Columns")) or 0
         check_image_pixels(path, rows, cols)
+        # Padding values must be seen exactly, so a padded image is never decoded smaller.
+        padded = "PixelPaddingValue" in ds
+        reduction = 1 if padded else reduction_for((rows, cols), min_side)
         try:
-            pixels = decode_grey_baseline(ds, path)
+            pixels = decode_grey_baseline(ds, path, reduction)
             if pixels is None:
+                reduction = 1
                 pixels = ds.pixel_array
         except DicomError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise many unrelated types
             raise DicomError(f"{path}: pixel data cannot be decoded ({_short(exc)})") from None
         image = to_grey_uint8(ds, pixels, photometric, path)
-        meta = _dicom_meta(ds, photometric, image.shape, secret)
+        shape = (rows, cols) if reduction > 1 else image.shape
+        meta = _dicom_meta(ds, photometric, shape, secret)
         image_id = image_id_for(path, instance_uids(ds))
-    return XRay(image, image_id, meta, _range_if_constant(image, pixels))
+    constant = _range_if_constant(image, pixels)
+    return XRay(image, image_id, meta, constant, reduction, (int(shape[0]), int(shape[1])))
 
 
 def open_dataset(path: Path, stop_before_pixels: bool) -> Any:
