@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="timed network batches")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
     parser.add_argument("--run", type=Path, help="a trained run instead of a random-weights one")
+    parser.add_argument(
+        "--compare-orders",
+        action="store_true",
+        help="also run auto's pipeline with the other preprocessing order (--downscale-first "
+        "flipped; same network), alternating with the others",
+    )
     args = parser.parse_args()
     if not SIIM.is_dir():
         sys.exit(f"{SIIM} not found: the benchmark reads the real SIIM DICOMs")
@@ -131,12 +138,23 @@ def main() -> None:
         sources, _ = file_sources(paths)
         load = file_loader(auto.settings, sources)
         stages = time_stages(settings[chosen], sources, load)
+        other = replace(auto.settings, downscale_first=not auto.settings.downscale_first)
+        other_load = file_loader(other, sources)
+        other_label = f"{chosen}, {'--downscale-first' if other.downscale_first else 'paper order'}"
+        other_stages = time_stages(settings[chosen], sources, other_load)
         figures: dict[str, list[tuple[float, ...]]] = {name: [] for name in settings}
+        other_figures: list[tuple[float, float]] = []
         for _ in range(args.rounds):
             for name, predictor in settings.items():
                 network = time_network(predictor, args.image_size, args.batch_size, args.repeats)
                 pipeline = time_pipeline(predictor, sources, load, root / name, args.batch_size)
                 figures[name].append(network + pipeline)
+            if args.compare_orders:
+                other_figures.append(
+                    time_pipeline(
+                        settings[chosen], sources, other_load, root / "other", args.batch_size
+                    )  # fmt: skip
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     medians = {
@@ -162,6 +180,13 @@ def main() -> None:
           f"{stages['positive']:.1f} positive; around the network "
           f"{stages['load'] + stages['negative']:.1f} / "
           f"{stages['load'] + stages['positive']:.1f} ms")  # fmt: skip
+    order = "--downscale-first" if auto.settings.downscale_first else "paper order"
+    print(f"the run's preprocessing: {order}")
+    if other_figures:
+        rate, one = (statistics.median(col) for col in zip(*other_figures, strict=True))
+        print(f"{other_label}: predict {rate:.1f} img/s ({rate / medians[chosen][2]:.2f}x the "
+              f"run's order), 1 DICOM {one:.1f} ms, load of one X-ray "
+              f"{other_stages['load']:.1f} ms (same network, other masks)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -309,3 +309,23 @@ def test_export_of_an_ensemble_is_one_graph_averaging_its_members(
     assert result.exit_code == 1
     assert "image size 96" in result.stderr and "one exported graph" in result.stderr
     assert not (tmp_path / "mixed").exists()
+
+
+def test_downscale_first_members_must_share_the_setting_and_one_image_size() -> None:
+    from types import SimpleNamespace
+
+    from pneumo_cli.core.errors import ConfigError
+    from pneumo_cli.inference.ensemble import check_members_agree
+
+    def member(name: str, **settings: object) -> SimpleNamespace:
+        config = PreprocessConfig(**settings)  # type: ignore[arg-type]
+        return SimpleNamespace(run_dir=Path(name), settings=config, image_size=config.image_size)
+
+    fast = member("a", downscale_first=True)
+    check_members_agree([fast, member("b", downscale_first=True)])
+    with pytest.raises(ConfigError, match="downscale_first False, a with downscale_first True"):
+        check_members_agree([fast, member("b")])
+    # CLAHE ran at each member's own size: a shrunk 512 px image is not what a 256 px one saw.
+    with pytest.raises(ConfigError, match="must share one image size"):
+        check_members_agree([fast, member("c", downscale_first=True, image_size=512)])
+    check_members_agree([member("d"), member("e", image_size=512)])  # the paper's order may

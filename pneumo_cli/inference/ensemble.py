@@ -32,7 +32,7 @@ from pneumo_cli.inference.postprocess import POSTPROCESS_FILE, Gate, load_gate
 # Preprocessing settings that must be equal across members: they decide what the image shows
 # and how its contrast is set. The image size may differ (see the module docstring).
 SHARED_SETTINGS = ("crop_border", "crop_threshold", "crop_min_keep", "clahe", "clahe_clip",
-                   "clahe_grid")  # fmt: skip
+                   "clahe_grid", "downscale_first")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,14 @@ def check_members_agree(opened: Sequence[Any]) -> None:
                     f"{first.run_dir} with {name} {theirs}: members must share the crop and CLAHE "
                     "settings; leave one of them out"
                 )
+        if first.settings.downscale_first and member.image_size != first.image_size:
+            # CLAHE runs at the image size there: a shrunk larger image is not what it trained on.
+            raise ConfigError(
+                f"ensemble members {member.run_dir} ({member.image_size} px) and "
+                f"{first.run_dir} ({first.image_size} px) were preprocessed with "
+                "--downscale-first, which applies CLAHE at the image size: such members must "
+                "share one image size; leave one of them out"
+            )
 
 
 def ensemble_gate(members: Members, gates: Sequence[Gate]) -> tuple[Gate, str, list[str]]:
