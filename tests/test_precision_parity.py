@@ -114,6 +114,13 @@ def test_a_damaged_or_foreign_cache_file_is_ignored_with_a_note(tmp_path: Path) 
     assert result is None and note == (
         f"{path} was written by pneumo 0.0.1; checking again with {__version__}"
     )
+    # This version, but checks timed the old way (format 1 had no "check_format"): measured again.
+    entry = {"key": _key().to_dict(), "result": _result().to_dict()}
+    path.write_text(json.dumps({"pneumo_version": __version__, "entries": [entry]}))
+    result, note = parity.cached_parity(tmp_path, _key())
+    assert result is None and note == (
+        f"{path} holds checks timed the old way (each network alone); checking again"
+    )
     assert parity.store_parity(tmp_path, _key(), _result()) is None  # replaces the old file
     assert parity.cached_parity(tmp_path, _key()) == (_result(), None)
 
@@ -184,6 +191,29 @@ def test_the_fastest_way_that_matches_float32_wins(tmp_path: Path) -> None:
                                  "none", [], inputs)  # fmt: skip
     assert slow.candidate == parity.REFERENCE
     assert "is slower here" in slow.notes[-1][1]
+
+
+def test_speeds_are_timed_side_by_side_so_a_pause_does_not_pick_the_engine() -> None:
+    """The machine is 4x slower for a while (a pause, another process, the clock settling).
+    Timed one after the other, the network that ran during the slow stretch looked 4x slower;
+    timed in alternating rounds, both see it alike and the ratio stays the true one (2x)."""
+    import time
+
+    calls = []
+
+    def network(seconds: float):
+        def run(images: np.ndarray) -> np.ndarray:
+            calls.append(1)
+            time.sleep(seconds * (4 if 3 <= len(calls) <= 6 else 1))
+            return np.zeros(images.shape, np.float32)
+
+        return run
+
+    images = np.zeros((16, 4, 4), np.uint8)
+    reference_rate, rate = parity.paired_rates(network(0.02), network(0.01), images, batch_size=8)
+    assert len(calls) == 2 + 2 * parity.TIMING_ROUNDS  # a warm-up each, then the rounds
+    assert 1.6 < rate / reference_rate < 2.5, (reference_rate, rate)
+    assert 8 / (4 * 0.02) < reference_rate < 8 / 0.02  # rates of one 8-image batch
 
 
 # --- on a real run --------------------------------------------------------------------------------

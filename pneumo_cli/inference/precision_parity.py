@@ -15,8 +15,10 @@ the model's resolution with gate areas scaled as for a 1024 x 1024 X-ray (SIIM's
 
 The result is kept in ``RUN/precision-parity.json``, one entry per machine kind (CPU model and
 bfloat16 flags, GPU names), precision, TTA, gate, model file and package versions, so the check
-runs once per run and machine kind; a file that is damaged or was written by another pneumo
-version is ignored (and said so) and the check runs again.
+runs once per run and machine kind; a file that is damaged, was written by another pneumo
+version or holds checks of an older format (:data:`CHECK_FORMAT`) is ignored (and said so) and
+the check runs again. Each candidate's speed is timed side by side with the float32 network
+(:func:`paired_rates`), and ``auto`` takes the fastest candidate that passes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ MAX_FLIPPED_SHARE = 0.005
 PARITY_VAL_IMAGES = 256
 PARITY_INPUT_IMAGES = 64
 _ENTRIES_KEPT = 16
+# Rounds of side-by-side timing per candidate (:func:`paired_rates`).
+TIMING_ROUNDS = 5
+# What the file's entries mean; entries of another format are measured again. 2: the speeds are
+# timed side by side with the float32 network (format 1 timed each network alone, one after the
+# other, so a pause of the machine could decide between engines).
+CHECK_FORMAT = 2
 # Gate areas are in original pixels; the check's masks are at the model's size, as if each image
 # came from a 1024 x 1024 SIIM X-ray.
 _ORIGINAL_HW = (1024, 1024)
@@ -126,47 +134,71 @@ def judge(
     )
 
 
-def timed_maps(
+def network_maps(
     network: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 8
-) -> tuple[np.ndarray, float]:
-    """(float32 (N, S, S) maps of uint8 (N, S, S) ``images``, images/s): batches of
-    ``batch_size`` after one untimed warm-up batch; the speed is that of the median full
-    batch (a pause of the machine during one batch does not decide between engines)."""
-    network(images[:batch_size])
-    maps, seconds = [], []
-    for first in range(0, len(images), batch_size):
-        batch = images[first : first + batch_size]
-        began = time.perf_counter()
-        maps.append(np.asarray(network(batch), np.float32))
-        seconds.append((time.perf_counter() - began) / len(batch))
+) -> np.ndarray:
+    """float32 (N, S, S) maps of uint8 (N, S, S) ``images``, ``batch_size`` at a time."""
+    maps = [
+        np.asarray(network(images[first : first + batch_size]), np.float32)
+        for first in range(0, len(images), batch_size)
+    ]
     size = images.shape[-1]
-    stack = np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
-    full = seconds[: max(1, len(images) // batch_size)]
-    per_image = float(np.median(full)) if full else 0.0
-    return stack, (round(1.0 / per_image, 2) if per_image > 0 else 0.0)
+    return np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32)
+
+
+def paired_rates(
+    reference: Callable[[np.ndarray], np.ndarray],
+    candidate: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    batch_size: int = 8,
+) -> tuple[float, float]:
+    """(reference, candidate) images/s, timed side by side on the same batches.
+
+    After one untimed warm-up batch each, :data:`TIMING_ROUNDS` rounds time one batch through
+    both networks, the first batches of ``images`` in turn, the order swapped every round; each
+    rate is that of its median batch. A pause of the machine, or its clock settling, then
+    slows both sides of a round alike instead of the network that happened to run alone.
+    """
+    full = max(1, min(len(images) // batch_size, TIMING_ROUNDS))
+    batches = [images[i * batch_size : (i + 1) * batch_size] for i in range(full)]
+    reference(batches[0])
+    candidate(batches[0])
+    seconds: dict[int, list[float]] = {0: [], 1: []}
+    for round_ in range(TIMING_ROUNDS):
+        batch = batches[round_ % full]
+        pair = (reference, candidate) if round_ % 2 == 0 else (candidate, reference)
+        for network in pair:
+            began = time.perf_counter()
+            np.asarray(network(batch))
+            seconds[0 if network is reference else 1].append(time.perf_counter() - began)
+    rates = [len(batches[0]) / float(np.median(seconds[side])) for side in (0, 1)]
+    return round(rates[0], 2), round(rates[1], 2)
 
 
 def measure(
     precision: str,
-    reference: Callable[[np.ndarray], np.ndarray] | tuple[np.ndarray, float],
+    reference: Callable[[np.ndarray], np.ndarray],
     candidate: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     gate: Gate,
     inputs: str,
     batch_size: int = 8,
+    reference_maps: np.ndarray | None = None,
 ) -> PrecisionParity:
-    """Run uint8 (N, S, S) ``images`` through both networks (:func:`timed_maps`) and
-    :func:`judge` the candidate. ``reference`` may be its :func:`timed_maps` result already."""
+    """Run uint8 (N, S, S) ``images`` through both networks, time them side by side
+    (:func:`paired_rates`) and :func:`judge` the candidate. ``reference_maps`` are the float32
+    network's maps of ``images`` when made already (one reference pass for many candidates)."""
     start = time.perf_counter()
-    if callable(reference):
-        reference = timed_maps(reference, images, batch_size)
-    maps, rate = timed_maps(candidate, images, batch_size)
-    result = judge(precision, reference[0], maps, gate, inputs)
+    if reference_maps is None:
+        reference_maps = network_maps(reference, images, batch_size)
+    maps = network_maps(candidate, images, batch_size)
+    reference_rate, rate = paired_rates(reference, candidate, images, batch_size)
+    result = judge(precision, reference_maps, maps, gate, inputs)
     return dataclasses.replace(
         result,
         seconds=round(time.perf_counter() - start, 2),
         images_per_second=rate,
-        reference_images_per_second=reference[1],
+        reference_images_per_second=reference_rate,
     )
 
 
@@ -220,6 +252,8 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], str | None]:
         return [], f"{path} is damaged ({type(exc).__name__}); checking again"
     if version != __version__:
         return [], f"{path} was written by pneumo {version}; checking again with {__version__}"
+    if content.get("check_format") != CHECK_FORMAT:
+        return [], f"{path} holds checks timed the old way (each network alone); checking again"
     return entries, None
 
 
@@ -252,7 +286,8 @@ def store_parity(run_dir: Path, key: ParityKey, result: PrecisionParity) -> str 
     entries = [e for e in entries if e.get("key") != wanted][-(_ENTRIES_KEPT - 1) :]
     entries.append({"key": wanted, "result": result.to_dict()})
     try:
-        atomic_write_json(path, {"pneumo_version": __version__, "entries": entries})
+        content = {"pneumo_version": __version__, "check_format": CHECK_FORMAT, "entries": entries}
+        atomic_write_json(path, content)
     except (OSError, OutputError) as exc:
         return f"cannot save the precision check in {path} ({exc}); it runs again next time"
     return None
@@ -295,7 +330,7 @@ class _Checks:
     parity_inputs: Callable[[Any, int], tuple[np.ndarray, str]] | None
     notes: list[tuple[str, str]] = field(default_factory=list)
     images: tuple[np.ndarray, str] | None = None
-    reference: tuple[np.ndarray, float] | None = None  # its maps and speed, made once
+    reference: tuple[Callable[[np.ndarray], np.ndarray], np.ndarray] | None = None  # made once
 
     def check_images(self) -> tuple[np.ndarray, str]:
         from pneumo_cli.inference.run_images import cache_images
@@ -325,9 +360,11 @@ class _Checks:
         if not len(images):
             return None
         if self.reference is None:
-            self.reference = timed_maps(self.build(REFERENCE), images)
-        measured = measure(candidate.precision, self.reference, self.build(candidate), images,
-                           run.gate, inputs)  # fmt: skip
+            network = self.build(REFERENCE)
+            self.reference = network, network_maps(network, images)
+        network, maps = self.reference
+        measured = measure(candidate.precision, network, self.build(candidate), images, run.gate,
+                           inputs, reference_maps=maps)  # fmt: skip
         measured = dataclasses.replace(measured, engine=candidate.engine)
         stored = store_parity(run.run_dir, key, measured)
         if stored:
