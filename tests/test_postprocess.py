@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pneumo_cli.core.errors import ConfigError, InputError
 from pneumo_cli.inference.postprocess import (
@@ -172,3 +175,57 @@ def test_bad_files_name_the_file(tmp_path, text, match):
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         load_gate(tmp_path / "absent.json")
+
+
+def _labelled_reference(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """The rule written plainly: label the whole mask, keep components of >= min_area px."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.tuples(st.integers(1, 90), st.integers(1, 90)),
+    density=st.floats(0.0, 0.7),
+    blobs=st.integers(0, 3),
+    min_area=st.floats(0.0, 40.0),
+)
+def test_removing_small_components_matches_labelling_the_whole_mask(
+    seed, size, density, blobs, min_area
+):
+    """The fast path (labels only in the occupied box; few small components erased one by one,
+    many by a lookup) gives exactly the plain rule's mask, and leaves its input alone."""
+    rng = np.random.default_rng(seed)
+    mask = (rng.random(size) < density).astype(np.uint8)
+    for _ in range(blobs):  # a few large components among the noise
+        top, left = rng.integers(0, size[0]), rng.integers(0, size[1])
+        mask[top : top + rng.integers(1, 30), left : left + rng.integers(1, 30)] = 1
+    given_mask = mask.copy()
+    result = remove_small_components(mask, min_area)
+    np.testing.assert_array_equal(result, _labelled_reference(mask, min_area))
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(mask, given_mask)
+    gate = Gate(bottom_threshold=0.5, min_component_area_px=min_area)
+    np.testing.assert_array_equal(apply_gate(mask * 0.9, gate), _labelled_reference(mask, min_area))
+
+
+def test_both_ways_of_erasing_small_components_are_exercised():
+    """A noisy map with hundreds of small components (the lookup) and one with a handful (each
+    erased in its box), each equal to the plain rule, on a map whose border rows stay empty."""
+    rng = np.random.default_rng(1)
+    noisy = np.zeros((300, 400), np.uint8)
+    noisy[20:280, 30:370] = rng.random((260, 340)) < 0.2
+    few = np.zeros((300, 400), np.uint8)
+    few[100:160, 100:200] = 1
+    few[[10, 40, 290], [20, 390, 5]] = 1  # three single pixels far apart
+    for mask in (noisy, few):
+        _, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        small = int(np.sum(stats[1:, 4] < 5))
+        assert (small > 64) == (mask is noisy) and small > 0
+        np.testing.assert_array_equal(
+            remove_small_components(mask, 5), _labelled_reference(mask, 5)
+        )
+    assert remove_small_components(few, 5).sum() == 60 * 100

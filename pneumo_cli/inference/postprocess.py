@@ -79,15 +79,43 @@ def remove_small_components(mask: np.ndarray, min_area: float) -> np.ndarray:
 
     ``min_area`` is in working pixels (already scaled). Returns a new uint8 {0,1} mask.
     """
-    mask = (np.asarray(mask) != 0).astype(np.uint8)
+    return _drop_small_components((np.asarray(mask) != 0).astype(np.uint8), min_area)
+
+
+# Up to this many components too small to keep are erased one by one within their bounding
+# boxes; more (a noisy map) are erased by one lookup over the mask's occupied box.
+_ERASED_ONE_BY_ONE = 64
+
+
+def _drop_small_components(mask: np.ndarray, min_area: float) -> np.ndarray:
+    """:func:`remove_small_components` of a uint8 {0,1} mask the caller owns, in place.
+
+    The components are labelled within the box the mask occupies (a pneumothorax covers a
+    small part of the X-ray, so most of a 1024 px map is never labelled), and nothing is
+    rewritten when every component is kept.
+    """
     if min_area <= 1 or not mask.any():
         return mask  # every component has at least one pixel
     import cv2
 
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False  # label 0 is the background
-    return keep[labels].astype(np.uint8)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # a view: writes reach mask
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(box), connectivity=8
+    )
+    areas = stats[:, cv2.CC_STAT_AREA]
+    small = np.flatnonzero(areas[1:] < min_area) + 1  # label 0 is the background
+    if len(small) > _ERASED_ONE_BY_ONE:
+        keep = (areas >= min_area).astype(np.uint8)
+        keep[0] = 0
+        box[...] = keep[labels]
+        return mask
+    for label in small:
+        x, y, w, h = (int(v) for v in stats[label, :4])
+        window = box[y : y + h, x : x + w]
+        window[labels[y : y + h, x : x + w] == label] = 0
+    return mask
 
 
 def apply_gate(prob: np.ndarray, gate: Gate = Gate(), area_scale: float = 1.0) -> np.ndarray:
@@ -103,11 +131,12 @@ def apply_gate(prob: np.ndarray, gate: Gate = Gate(), area_scale: float = 1.0) -
     if prob.ndim != 2:
         raise InputError(f"probability map must be 2-D (H, W), got shape {prob.shape}")
     _check_scale(area_scale)
-    confident = np.count_nonzero(prob > gate.top_threshold)
-    if confident < gate.min_area_px * area_scale:
-        return np.zeros(prob.shape, dtype=np.uint8)
-    mask = (prob > gate.bottom_threshold).astype(np.uint8)
-    return remove_small_components(mask, gate.min_component_area_px * area_scale)
+    if gate.min_area_px > 0:
+        confident = np.count_nonzero(prob > gate.top_threshold)
+        if confident < gate.min_area_px * area_scale:
+            return np.zeros(prob.shape, dtype=np.uint8)
+    mask = np.greater(prob, gate.bottom_threshold).view(np.uint8)  # a new array: ours to edit
+    return _drop_small_components(mask, gate.min_component_area_px * area_scale)
 
 
 def save_gate(path: str | Path, gate: Gate) -> None:
