@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     print(machine_line())
     if not args.peer_python:
         print("not run: no peer environment (give --peer-python or PNEUMO_PEER_PYTHON: a Python "
@@ -107,7 +109,7 @@ def main() -> None:
     print("-" * len(header))
     for label, (rate, peer_rate, one, single, peer_one) in [
         *((str(i + 1), row) for i, row in enumerate(rows)),
-        ("median", tuple(statistics.median(col) for col in zip(*rows, strict=True))),
+        ("median", tuple(statistics.median(col) for col in zip(*rows, strict=True))),  # per column
     ]:
         print(f"{label:>6s} {rate:13.1f} {peer_rate:10.1f} {rate / peer_rate:6.2f} "
               f"{one:12.1f} {single:10.1f} {peer_one:10.1f}")  # fmt: skip

@@ -214,6 +214,10 @@ def test_speeds_are_timed_side_by_side_so_a_pause_does_not_pick_the_engine() -> 
     assert len(calls) == 2 + 2 * parity.TIMING_ROUNDS  # a warm-up each, then the rounds
     assert 1.6 < rate / reference_rate < 2.5, (reference_rate, rate)
     assert 8 / (4 * 0.02) < reference_rate < 8 / 0.02  # rates of one 8-image batch
+    # Fewer images than a batch, and one network on both sides: both rates measured.
+    same = network(0.01)
+    reference_rate, rate = parity.paired_rates(same, same, images[:3], batch_size=8)
+    assert 3 / (4 * 0.01) < min(reference_rate, rate) <= max(reference_rate, rate) < 3 / 0.01
 
 
 # --- on a real run --------------------------------------------------------------------------------

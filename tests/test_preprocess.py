@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 
 from pneumo_cli.core.config import PreprocessConfig
@@ -285,6 +286,66 @@ def test_real_jpeg_dicom_decodes_at_reduced_scale(
     found = {name: read_xray(tmp_path / f"{name}.dcm", min_side=128).reduction
              for name in ("raw", "padded", "jpeg")}  # fmt: skip
     assert found == {"raw": 1, "padded": 1, "jpeg": 4}
+
+
+def _smooth_xray(height: int, width: int) -> np.ndarray:
+    """A uint8 X-ray-like image of any size: a dark border, a lit body with slow gradients, and
+    bright blocks near every corner (so a shift, a flip or a rotation shows)."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = 90 + 60 * np.sin(rows / 97.0) * np.cos(cols / 131.0) + 40 * cols / width
+    image[: height // 20], image[:, : width // 25] = 0, 0  # a black border to crop
+    for top, left in ((0.1, 0.1), (0.1, 0.8), (0.75, 0.15), (0.8, 0.85)):
+        top, left = int(top * height), int(left * width)
+        image[top : top + height // 12, left : left + width // 14] = 245
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(2001, 2501), (4095, 4097)])
+def test_an_xray_shrunk_whole_matches_its_reduced_jpeg_decode_at_odd_sizes(
+    tmp_path: Path, shape: tuple[int, int]
+) -> None:
+    """libjpeg's 1/f decode averages exact f x f blocks, the last ones padded by their edge; the
+    area shrink of a whole image (PNG, uncompressed or padded DICOM) must do the same, or the
+    two drift apart towards the far corner when a side is not a multiple of f."""
+    # Without CLAHE, which turns a one-level difference into several, so a drift stands out.
+    fast = PreprocessConfig(downscale_first=True, clahe=False)
+    path = tmp_path / "odd.dcm"
+    write_dicom(path, _smooth_xray(*shape))
+    whole, small = read_xray(path), read_xray(path, min_side=512)
+    assert small.reduction == {(2001, 2501): 2, (4095, 4097): 8}[shape]
+    decoded = prepare_image(
+        small.image, fast, reduction=small.reduction, original_shape=small.original_shape
+    )
+    shrunk = prepare_image(whole.image, fast)
+    assert decoded.crop == shrunk.crop
+    difference = np.abs(decoded.image.astype(int) - shrunk.image)
+    # Block means round alike but for rounding (a level at most); a drift of a fraction of a
+    # small pixel moved the bright blocks' edges by 17 (1/2 scale) and 64 levels (1/8).
+    assert difference.max() <= 2 and difference.mean() < 0.3, (difference.max(), difference.mean())
+
+
+def test_an_exif_orientation_in_a_jpeg_frame_is_ignored_at_every_scale(tmp_path: Path) -> None:
+    """DICOM says how an image is oriented; a stray EXIF Orientation tag inside the JPEG frame
+    must not turn the reduced decode (OpenCV applies EXIF there by default) against the whole."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    path = tmp_path / "exif.dcm"
+    write_dicom(path, _smooth_xray(1024, 1024))
+    # An APP1 Exif segment right after the start of the image: little-endian TIFF, one IFD entry,
+    # Orientation (0x0112), SHORT, value 3 (rotated 180 degrees).
+    tiff = b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x03\x00\x00\x00"
+    payload = b"Exif\x00\x00" + tiff + b"\x00\x00\x00\x00"
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    ds = pydicom.dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:2] + app1 + frame[2:]])
+    ds.save_as(path)
+    whole = read_xray(path)
+    for min_side in (512, 256, 128):
+        small = read_xray(path, min_side=min_side)
+        assert small.reduction == 1024 // min_side
+        area = cv2.resize(whole.image, small.image.shape[::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(small.image.astype(int) - area).mean() < 1.0, min_side
 
 
 def test_downscale_first_prepares_every_source_of_an_xray_alike(

@@ -133,7 +133,14 @@ def prepare_image(
             f"{(height, width)} does not fit these settings (1/{wanted})"
         )
     if wanted > reduction:
+        # As libjpeg's reduced decode does: means of whole factor x factor blocks, the last row
+        # and column of blocks filled out by repeating the image's edge.
+        factor = wanted // reduction
         small_height, small_width = reduced_shape((height, width), wanted)
+        bottom_pad = small_height * factor - image.shape[0]
+        right_pad = small_width * factor - image.shape[1]
+        if bottom_pad or right_pad:
+            image = cv2.copyMakeBorder(image, 0, bottom_pad, 0, right_pad, cv2.BORDER_REPLICATE)
         image = cv2.resize(image, (small_width, small_height), interpolation=cv2.INTER_AREA)
     small = (0, image.shape[0], 0, image.shape[1])
     if settings.crop_border:

@@ -164,13 +164,13 @@ def paired_rates(
     reference(batches[0])
     candidate(batches[0])
     seconds: dict[int, list[float]] = {0: [], 1: []}
+    sides = ((0, reference), (1, candidate))
     for round_ in range(TIMING_ROUNDS):
         batch = batches[round_ % full]
-        pair = (reference, candidate) if round_ % 2 == 0 else (candidate, reference)
-        for network in pair:
+        for side, network in sides if round_ % 2 == 0 else sides[::-1]:
             began = time.perf_counter()
             np.asarray(network(batch))
-            seconds[0 if network is reference else 1].append(time.perf_counter() - began)
+            seconds[side].append(time.perf_counter() - began)
     rates = [len(batches[0]) / float(np.median(seconds[side])) for side in (0, 1)]
     return round(rates[0], 2), round(rates[1], 2)
 

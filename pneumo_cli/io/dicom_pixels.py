@@ -35,11 +35,13 @@ def decode_grey_baseline(ds: Any, path: Path, reduction: int = 1) -> np.ndarray 
     from pydicom.encaps import generate_frames
 
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    # DICOM says how the image is oriented: an EXIF Orientation tag inside the frame is ignored
+    # (IMREAD_UNCHANGED ignores it by itself; the reduced modes would apply it).
     flags = {
         1: cv2.IMREAD_UNCHANGED,
-        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
-        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | cv2.IMREAD_IGNORE_ORIENTATION,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_IGNORE_ORIENTATION,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_IGNORE_ORIENTATION,
     }
     pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), flags[reduction])
     if pixels is None:
