@@ -70,7 +70,7 @@ def preprocess_command(
         typer.Option(
             "--downscale-first",
             help="Shrink each X-ray by a power of two (JPEG DICOMs decoded at 1/2, 1/4 or 1/8 "
-            "scale) before the crop and apply CLAHE after the resize: ~3x less work per image "
+            "scale) before the crop and apply CLAHE after the resize: about half the CPU per image "
             "in preprocess, predict and serve, different pixels than the default order. "
             "Runs trained on such a cache predict the same way.",
         ),
