@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from pneumo_cli.evaluation.model_eval import _predict_split
+    from pneumo_cli.evaluation.maps import predict_split
     from pneumo_cli.inference.predict import predict_sources
     from pneumo_cli.inference.predictor import load_predictor
     from pneumo_cli.inference.sources import cache_sources
@@ -54,7 +54,7 @@ def main() -> None:
         workers = os.cpu_count() or 1
         for _ in range(args.rounds):
             start = time.perf_counter()
-            _predict_split(predictor, sources, load, args.batch_size, workers, lambda n: None)
+            predict_split(predictor, sources, load, args.batch_size, workers, lambda n: None)
             rates["evaluate"].append(len(sources) / (time.perf_counter() - start))
             start = time.perf_counter()
             predict_sources(predictor, sources, root / "out", load=load,

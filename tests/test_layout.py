@@ -110,3 +110,44 @@ def test_no_module_is_much_over_400_lines() -> None:
         str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")
     }
     assert {name: n for name, n in sizes.items() if n > 450} == {}
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """What ``from module import name`` can find in a module file without running it."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_benchmarks_import_only_what_the_package_has() -> None:
+    """Benchmarks import pneumo_cli inside their main (after argument parsing), so a rename in the
+    package breaks them only when run: every name they import must still be there."""
+    missing = []
+    for script in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if not (
+                isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumo_cli")
+            ):
+                continue
+            base = PACKAGE.parent.joinpath(*node.module.split("."))
+            module = (
+                base.with_suffix(".py")
+                if base.with_suffix(".py").is_file()
+                else base / "__init__.py"
+            )
+            if not module.is_file():
+                missing.append(f"{script.name}: no module {node.module}")
+                continue
+            names = _top_level_names(module)
+            for alias in node.names:
+                if alias.name not in names and not (base / f"{alias.name}.py").is_file():
+                    missing.append(f"{script.name}: {node.module} has no {alias.name}")
+    assert not missing, missing
