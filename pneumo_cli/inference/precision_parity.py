@@ -151,18 +151,21 @@ def paired_rates(
     candidate: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     batch_size: int = 8,
+    warmed: bool = False,
 ) -> tuple[float, float]:
     """(reference, candidate) images/s, timed side by side on the same batches.
 
-    After one untimed warm-up batch each, :data:`TIMING_ROUNDS` rounds time one batch through
-    both networks, the first batches of ``images`` in turn, the order swapped every round; each
-    rate is that of its median batch. A pause of the machine, or its clock settling, then
+    After one untimed warm-up batch each (none when both have just run over ``images``:
+    ``warmed``), :data:`TIMING_ROUNDS` rounds time one batch through both networks, the first
+    batches of ``images`` in turn, the order swapped every round; each rate is that of its
+    median batch. A pause of the machine, or its clock settling, then
     slows both sides of a round alike instead of the network that happened to run alone.
     """
     full = max(1, min(len(images) // batch_size, TIMING_ROUNDS))
     batches = [images[i * batch_size : (i + 1) * batch_size] for i in range(full)]
-    reference(batches[0])
-    candidate(batches[0])
+    if not warmed:
+        reference(batches[0])
+        candidate(batches[0])
     seconds: dict[int, list[float]] = {0: [], 1: []}
     sides = ((0, reference), (1, candidate))
     for round_ in range(TIMING_ROUNDS):
@@ -192,7 +195,7 @@ def measure(
     if reference_maps is None:
         reference_maps = network_maps(reference, images, batch_size)
     maps = network_maps(candidate, images, batch_size)
-    reference_rate, rate = paired_rates(reference, candidate, images, batch_size)
+    reference_rate, rate = paired_rates(reference, candidate, images, batch_size, warmed=True)
     result = judge(precision, reference_maps, maps, gate, inputs)
     return dataclasses.replace(
         result,
