@@ -60,6 +60,8 @@ def real_inputs(folder: Path, copies: int) -> list[Path]:
     """``copies`` copies of each real DICOM (3 training files and the 5 broken-header stage-2
     ones), each copy with its own SOP Instance UID (predict treats a repeated UID as a duplicate)
     and otherwise the same header and the same compressed pixels."""
+    import warnings
+
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -67,16 +69,18 @@ def real_inputs(folder: Path, copies: int) -> list[Path]:
     sources += sorted((SIIM / "dicom-odd").glob("stage2_*.dcm"))
     folder.mkdir(parents=True)
     paths = []
-    for index, source in enumerate(sources):
-        for copy in range(copies):
-            ds = pydicom.dcmread(source)
-            uid = generate_uid()
-            broken = str(ds.SOPInstanceUID).startswith("ID_")  # keep the stage-2 files broken
-            ds.SOPInstanceUID = f"{ds.SOPInstanceUID}_{copy}" if broken else uid
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-            target = folder / f"img{index:02d}_{copy:03d}.dcm"
-            ds.save_as(target)
-            paths.append(target)
+    with warnings.catch_warnings():  # pydicom warns of every broken UID, on purpose broken here
+        warnings.simplefilter("ignore", UserWarning)
+        for index, source in enumerate(sources):
+            for copy in range(copies):
+                ds = pydicom.dcmread(source)
+                uid = generate_uid()
+                broken = str(ds.SOPInstanceUID).startswith("ID_")  # keep stage-2 files broken
+                ds.SOPInstanceUID = f"{ds.SOPInstanceUID}_{copy}" if broken else uid
+                ds.file_meta.MediaStorageSOPInstanceUID = uid
+                target = folder / f"img{index:02d}_{copy:03d}.dcm"
+                ds.save_as(target)
+                paths.append(target)
     return paths
 
 

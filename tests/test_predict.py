@@ -245,3 +245,64 @@ def test_loading_keeps_order_and_runs_a_bounded_distance_ahead() -> None:
             consumed[0] += 1
     assert results == [2 * value for value in range(200)]
     assert 1 <= most_ahead[0] <= 5 + 1  # + the result being handed over
+
+
+class _ZeroNetwork:
+    """A predictor whose maps are all zero (for predict's plumbing, not its network)."""
+
+    tta, precision, engine, precision_reason, precision_check = "none", "fp32", "keras", "", None
+    gate = Gate()
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return np.zeros(images.shape, np.float32)
+
+
+def test_predict_loads_with_opencvs_own_threads_off_and_restores_them(tmp_path) -> None:
+    from pneumo_cli.inference.predict import predict_sources
+
+    seen = []
+
+    def load(index: int) -> Item:
+        seen.append(cv2.getNumThreads())
+        return Item(f"img{index}", np.zeros((32, 32), np.uint8), (0, 64, 0, 64), (64, 64))
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        sources = [(f"img{index}", index) for index in range(6)]
+        summary = predict_sources(_ZeroNetwork(), sources, tmp_path / "out", load=load)
+        assert summary.predicted == 6 and seen == [1] * 6
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_overlapping_single_threaded_blocks_restore_opencv_once_the_last_ends() -> None:
+    import threading
+
+    from pneumo_cli.core.workers import single_threaded_opencv
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        inside = []
+
+        def second() -> None:
+            first_in.wait()
+            with single_threaded_opencv():
+                second_in.set()
+                first_out.wait()
+                inside.append(cv2.getNumThreads())  # the first block has ended: still off
+
+        worker = threading.Thread(target=second)
+        worker.start()
+        with single_threaded_opencv():
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+        worker.join()
+        assert inside == [1]
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)

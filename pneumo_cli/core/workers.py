@@ -6,12 +6,44 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 # --- scanning and processing ------------------------------------------------------------------
 
 MapFn = Callable[[Callable[[Any], Any], list[Any]], Any]
+
+_opencv_lock = threading.Lock()
+_opencv_users = 0
+_opencv_saved = 0
+
+
+@contextlib.contextmanager
+def single_threaded_opencv() -> Iterator[None]:
+    """OpenCV's own thread pool off (one thread) while the block runs, then as it was.
+
+    For code that already runs its OpenCV calls in parallel (pneumo's worker processes, the
+    loader threads of ``predict`` beside the network): OpenCV splitting each call over threads
+    of its own then only adds synchronisation, and its waiting threads take cores from the
+    others. The setting is process-wide, so overlapping blocks (threads of one process) share
+    it: the first turns the pool off, the last restores it.
+    """
+    import cv2
+
+    global _opencv_users, _opencv_saved
+    with _opencv_lock:
+        if _opencv_users == 0:
+            _opencv_saved = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _opencv_users += 1
+    try:
+        yield
+    finally:
+        with _opencv_lock:
+            _opencv_users -= 1
+            if _opencv_users == 0:
+                cv2.setNumThreads(_opencv_saved)
 
 
 @contextlib.contextmanager
@@ -20,11 +52,7 @@ def worker_pool(workers: int) -> Iterator[MapFn]:
 
     OpenCV's own threads are limited to one per process so that ``workers`` means cores.
     """
-    import cv2
-
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with single_threaded_opencv():
         if workers == 1:
             yield lambda fn, items: map(fn, items)
             return
@@ -39,8 +67,6 @@ def worker_pool(workers: int) -> Iterator[MapFn]:
                 return pool.imap_unordered(fn, items, chunksize=chunk)
 
             yield map_unordered
-    finally:
-        cv2.setNumThreads(threads)
 
 
 def _init_worker(parent_pid: int) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pneumo_cli.core.errors import InputError
+from pneumo_cli.core.workers import single_threaded_opencv
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def predict_split(
         predictor = MembersAndMean(predictor)
     rows = {image_id: row for image_id, row in sources}
     scored: list[Scored] = []
-    with ThreadPoolExecutor(workers) as pool:
+    with single_threaded_opencv(), ThreadPoolExecutor(workers) as pool:  # as predict loads
 
         def prepare(source: tuple[str, Any]) -> Any:
             try:

@@ -37,6 +37,7 @@ from pneumo_cli.core.files import (
 )
 from pneumo_cli.core.locks import folder_lock
 from pneumo_cli.core.progress import ProgressFactory, ProgressFn, stage
+from pneumo_cli.core.workers import single_threaded_opencv
 from pneumo_cli.inference.jobs import claim_predict_job, job_identity
 from pneumo_cli.inference.loading import open_predictor
 from pneumo_cli.inference.outputs import (
@@ -286,6 +287,7 @@ def _predict_and_write(
 
     Loading runs in a thread pool up to two batches ahead of the network (bounded: a folder of
     12,000 X-rays must not be held in memory at once); writing runs in another pool behind it.
+    The pools are the parallelism: OpenCV's own threads are off meanwhile.
     """
 
     def prepare(source: tuple[str, Any]) -> Item | Rejected:
@@ -296,7 +298,11 @@ def _predict_and_write(
             return Rejected(label, str(exc))
 
     threads = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as loaders, ThreadPoolExecutor(threads) as writers:
+    with (
+        single_threaded_opencv(),
+        ThreadPoolExecutor(threads) as loaders,
+        ThreadPoolExecutor(threads) as writers,
+    ):
         prepared = _ordered_map(loaders, prepare, todo, ahead=2 * batch_size + threads)
         pending: collections.deque = collections.deque()
         for result in predict_items(predictor, prepared, batch_size):
