@@ -104,6 +104,26 @@ def test_decode_encode_round_trip(mask):
     np.testing.assert_array_equal(rle.decode_rle(encoded, *mask.shape), mask)
 
 
+def _plain_encoding(mask: np.ndarray) -> str:
+    """The SIIM encoding by its definition: every pixel in column-major order."""
+    flat = np.concatenate(([0], (mask.T.reshape(-1) != 0).astype(np.int8), [0]))
+    edges = np.flatnonzero(np.diff(flat))
+    starts, ends = edges[0::2], edges[1::2]
+    previous_ends = np.concatenate(([0], ends[:-1]))
+    tokens = np.stack([starts - previous_ends, ends - starts], axis=1).reshape(-1)
+    return " ".join(map(str, tokens.tolist())) or "-1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(masks, st.integers(0, 16), st.integers(0, 16))
+def test_encoding_scans_only_the_occupied_columns_and_equals_the_definition(mask, a, b):
+    first, last = sorted((min(a, mask.shape[1]), min(b, mask.shape[1])))
+    mask[:, :first] = 0  # foreground only in columns [first, last), possibly none
+    mask[:, last:] = 0
+    assert rle.encode_rle(mask) == _plain_encoding(mask)
+    assert rle.encode_rle(mask.astype(bool)) == _plain_encoding(mask)
+
+
 @st.composite
 def valid_strings(draw):
     height, width = draw(st.integers(1, 20)), draw(st.integers(1, 20))
