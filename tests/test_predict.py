@@ -273,6 +273,9 @@ def test_predict_loads_with_opencvs_own_threads_off_and_restores_them(tmp_path) 
         summary = predict_sources(_ZeroNetwork(), sources, tmp_path / "out", load=load)
         assert summary.predicted == 6 and seen == [1] * 6
         assert cv2.getNumThreads() == 2
+        # One image has nothing to overlap with: OpenCV keeps its threads for it.
+        predict_sources(_ZeroNetwork(), sources[:1], tmp_path / "one", load=load)
+        assert seen[6:] == [2]
     finally:
         cv2.setNumThreads(before)
 

@@ -15,6 +15,7 @@ so a re-run can skip finished images), ``rejected.csv`` and, written last,
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -287,7 +288,8 @@ def _predict_and_write(
 
     Loading runs in a thread pool up to two batches ahead of the network (bounded: a folder of
     12,000 X-rays must not be held in memory at once); writing runs in another pool behind it.
-    The pools are the parallelism: OpenCV's own threads are off meanwhile.
+    The pools are the parallelism: OpenCV's own threads are off meanwhile, except for a
+    single image (nothing to overlap it with: OpenCV's threads then shorten its loading).
     """
 
     def prepare(source: tuple[str, Any]) -> Item | Rejected:
@@ -299,7 +301,7 @@ def _predict_and_write(
 
     threads = workers or os.cpu_count() or 1
     with (
-        single_threaded_opencv(),
+        single_threaded_opencv() if len(todo) > 1 else contextlib.nullcontext(),
         ThreadPoolExecutor(threads) as loaders,
         ThreadPoolExecutor(threads) as writers,
     ):
