@@ -401,3 +401,24 @@ def test_openvino_is_imported_with_its_telemetry_off() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False"]
+
+
+def test_openvino_with_auto_runs_the_cpus_precision_on_a_machine_with_a_gpu(
+    tiny_run, tmp_path, monkeypatch
+):
+    """OpenVINO computes on the CPU: a GPU's fp16 is not what `auto` means for it."""
+    from pneumo_cli.engine import precision as engine_precision
+
+    monkeypatch.setattr(engine_precision, "gpu_names", lambda: ["NVIDIA A100-SXM4-40GB"])
+    monkeypatch.setattr(engine_precision, "cpu_bf16_flags", lambda *a: [])
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    result = invoke("predict", "--run", run, "--cache", tiny_run["cache"], "--split", "test",
+                    "--out", tmp_path / "o", "--engine", "openvino", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["engine"], summary["precision"]) == ("openvino", "fp32")
+    assert "no bfloat16 instructions" in summary["precision_reason"]
+    result = invoke("predict", "--run", run, "--cache", tiny_run["cache"], "--split", "test",
+                    "--out", tmp_path / "o16", "--engine", "openvino", "--precision", "fp16")  # fmt: skip
+    assert result.exit_code == 2 and "--engine openvino cannot run fp16" in result.stderr

@@ -160,7 +160,9 @@ def load_predictor(
     if model_file is not None:
         opened = dataclasses.replace(opened, model_path=Path(model_file))
     gpus = gpu_names()
-    wanted, reason = choose_precision(precision, bool(gpus), gpus, purpose="predict")
+    # OpenVINO runs on the CPU: with it asked for, `auto` is the CPU's precision, GPU or not.
+    on_gpu = bool(gpus) and not (engine == "openvino" and precision == "auto")
+    wanted, reason = choose_precision(precision, on_gpu, gpus if on_gpu else [], purpose="predict")
     candidates = _candidates(wanted, precision == "auto", engine, bool(gpus))
     model = _load_inference_model(opened.model_path)
     parts = dict(run_dir=opened.run_dir, config=opened.config, settings=opened.settings,
@@ -206,7 +208,7 @@ def _candidates(wanted: str, auto: bool, engine: str, on_gpu: bool) -> list[Any]
     if engine == "openvino" and not openvino_available():
         raise UsageError("--engine openvino needs the openvino package: pip install openvino")
     native = openvino_precisions() if engine != "keras" and openvino_available() else []
-    if engine == "openvino" and wanted not in native:
+    if engine == "openvino" and not auto and wanted not in native:
         raise UsageError(
             f"--engine openvino cannot run {wanted} on this CPU (OpenVINO computes "
             f"{'/'.join(native)} here); use --engine keras or --precision fp32"
