@@ -420,5 +420,6 @@ def test_openvino_with_auto_runs_the_cpus_precision_on_a_machine_with_a_gpu(
     assert (summary["engine"], summary["precision"]) == ("openvino", "fp32")
     assert "no bfloat16 instructions" in summary["precision_reason"]
     result = invoke("predict", "--run", run, "--cache", tiny_run["cache"], "--split", "test",
-                    "--out", tmp_path / "o16", "--engine", "openvino", "--precision", "fp16")  # fmt: skip
+                    "--out", tmp_path / "o16", "--engine", "openvino",
+                    "--precision", "fp16")  # fmt: skip
     assert result.exit_code == 2 and "--engine openvino cannot run fp16" in result.stderr

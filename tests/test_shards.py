@@ -100,3 +100,95 @@ def test_merge_refuses_incomplete_or_mixed_parts(tiny_run, tmp_path: Path) -> No
     assert result.exit_code == 1 and "is unfinished" in result.stderr
     result = invoke("predict", *cache, "--out", tmp_path / "x", "--shard", "3/2", *common)
     assert result.exit_code == 2 and "expected K/N" in result.stderr
+
+
+def test_merge_takes_only_the_images_each_part_lists(tiny_run, tmp_path: Path) -> None:
+    common = ["--run", tiny_run["run"], "--precision", "fp32", "--engine", "keras", "--quiet"]
+    cache = ["--cache", tiny_run["cache"], "--split", "test"]
+    whole = invoke("predict", *cache, "--out", tmp_path / "whole", *common)
+    assert whole.exit_code == 0, whole.output
+    for k in (1, 2):
+        result = invoke(
+            "predict", *cache, "--out", tmp_path / f"p{k}", "--shard", f"{k}/2", *common
+        )
+        assert result.exit_code == 0, result.output
+    part = tmp_path / "p1"
+    # Left by an earlier job in the folder (or an input since removed), and by a kill -9.
+    stale = dict(json.loads(next((part / "records").glob("*.json")).read_text()), ImageId="old")
+    (part / "records" / "old.json").write_text(json.dumps(stale))
+    shutil.copyfile(next((part / "masks").glob("*.png")), part / "masks" / "old.png")
+    (part / "records" / ".pneumo-tmp-123-x.json").write_text('{"ImageId": "cut sho')
+    merged = invoke("merge-predictions", part, tmp_path / "p2", "--out", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    assert _files(tmp_path / "merged") == _files(tmp_path / "whole")
+
+    listed = (part / "predictions.csv").read_text().splitlines()[1].split(",")[0]
+    (part / "records" / f"{listed}.json").write_text("{not json")
+    broken = invoke("merge-predictions", part, tmp_path / "p2", "--out", tmp_path / "m2")
+    assert broken.exit_code == 1, broken.output
+    assert f"{listed}.json is missing or unreadable" in broken.stderr
+    assert "predict that part again" in broken.stderr and not (tmp_path / "m2").exists()
+
+
+def test_a_call_removes_its_finished_mark_until_it_finishes(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pneumo_cli.inference.postprocess import Gate
+    from pneumo_cli.inference.predict import predict_sources
+    from pneumo_cli.inference.sources import Item
+
+    class Zero:
+        tta, precision, engine = "none", "fp32", "keras"
+        precision_reason, precision_check = "", None
+        gate = Gate()
+
+        def probabilities(self, images):
+            return np.zeros(images.shape, np.float32)
+
+    def load(index: int) -> Item:
+        if index < 0:
+            raise RuntimeError("killed")  # not a rejection: the call stops, as if killed
+        return Item(f"img{index}", np.zeros((32, 32), np.uint8), (0, 32, 0, 32), (32, 32))
+
+    out = tmp_path / "out"
+    predict_sources(Zero(), [("img1", 1), ("img2", 2)], out, load=load)
+    assert (out / "predictions.csv").is_file() and (out / "submission.csv").is_file()
+    with pytest.raises(RuntimeError):
+        predict_sources(Zero(), [("img1", 1), ("img3", -1)], out, load=load, overwrite=True)
+    assert not (out / "predictions.csv").exists() and not (out / "submission.csv").exists()
+
+
+def test_a_part_whose_inputs_are_all_rejected_finishes_and_the_merge_decides(
+    tiny_run, tmp_path: Path
+) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "broken.dcm").write_bytes(b"not a dicom")
+    common = ["--run", tiny_run["run"], "--precision", "fp32", "--engine", "keras", "--quiet"]
+    whole = invoke("predict", raw, "--out", tmp_path / "whole", *common)
+    assert whole.exit_code == 1 and "no input could be predicted" in whole.stderr
+    part = invoke("predict", raw, "--out", tmp_path / "p1", "--shard", "1/1", *common)
+    assert part.exit_code == 0, part.output
+    assert "warning: part 1/1: no input could be predicted (1 rejected" in part.stderr
+    assert (tmp_path / "p1" / "predictions.csv").read_text().count("\n") == 1  # header only
+    assert "broken.dcm" in (tmp_path / "p1" / "rejected.csv").read_text()
+    merged = invoke("merge-predictions", tmp_path / "p1", "--out", tmp_path / "m")
+    assert merged.exit_code == 1 and "no input of any part could be predicted" in merged.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_saving_probability_maps_is_part_of_the_job(tiny_run, tmp_path: Path) -> None:
+    common = ["--run", tiny_run["run"], "--precision", "fp32", "--engine", "keras", "--quiet"]
+    cache = ["--cache", tiny_run["cache"], "--split", "test"]
+    first = invoke("predict", *cache, "--out", tmp_path / "p1", "--shard", "1/2", *common)
+    assert first.exit_code == 0, first.output
+    job = json.loads((tmp_path / "p1" / "job.json").read_text())
+    assert "save_probs" not in job  # folders without maps keep the job they had
+    resumed = invoke("predict", *cache, "--out", tmp_path / "p1", "--shard", "1/2", "--save-probs",
+                     *common)  # fmt: skip
+    assert resumed.exit_code == 1 and "save_probs" in resumed.stderr, resumed.output
+    second = invoke("predict", *cache, "--out", tmp_path / "p2", "--shard", "2/2", "--save-probs",
+                    *common)  # fmt: skip
+    assert second.exit_code == 0, second.output
+    merged = invoke("merge-predictions", tmp_path / "p1", tmp_path / "p2", "--out", tmp_path / "m")
+    assert merged.exit_code == 1 and "differ in save_probs" in merged.stderr, merged.output

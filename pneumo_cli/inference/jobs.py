@@ -14,12 +14,12 @@ JOB_FILE = "job.json"
 
 
 def job_identity(
-    predictor: Any, gate: Gate, shard: tuple[int, int] | None = None
+    predictor: Any, gate: Gate, shard: tuple[int, int] | None = None, save_probs: bool = False
 ) -> dict[str, Any]:
     """What decides a predict job's outputs: the model (its folder and a hash of its model
-    file), the gate, TTA, precision, engine, preprocessing, pneumo's version and, for a part of a
-    sharded job, the part (``"K/N"``). A re-run into the same folder resumes only the same
-    job."""
+    file), the gate, TTA, precision, engine, preprocessing, pneumo's version, whether
+    probability maps are saved (recorded only when they are) and, for a part of a sharded job,
+    the part (``"K/N"``). A re-run into the same folder resumes only the same job."""
     from pneumo_cli import __version__
     from pneumo_cli.core.config import to_dict
     from pneumo_cli.inference.dicom_outputs import model_file_sha256
@@ -35,6 +35,7 @@ def job_identity(
             "preprocess": to_dict(predictor.settings),
             "pneumo_version": __version__,
         }
+        | ({"save_probs": True} if save_probs else {})
         | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
         | _members(predictor)
     )

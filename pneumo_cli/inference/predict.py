@@ -44,6 +44,7 @@ from pneumo_cli.inference.loading import open_predictor
 from pneumo_cli.inference.outputs import (
     PREDICTIONS_FILE,
     REJECTED_FILE,
+    SUBMISSION_FILE,
     output_row,
     write_predictions,
     write_rejected,
@@ -191,6 +192,7 @@ def predict_sources(
     stages: Sequence[OutputStage] = (),
     job: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    part_of: str = "",
 ) -> PredictSummary:
     """Predict every source and write masks, records and the CSVs into ``out_dir``.
 
@@ -200,12 +202,15 @@ def predict_sources(
     only). Finished images (mask, record and every stage's output present) are skipped unless
     ``overwrite``, but only when ``out_dir`` holds the same ``job`` (:func:`job_identity`): outputs
     of another model, gate, TTA or preprocessing are refused. ``out_dir`` is locked while the call
-    runs. ``progress(n)`` is called as images finish.
+    runs; its ``predictions.csv`` is removed first and written last, so it marks a finished call.
+    ``progress(n)`` is called as images finish. ``part_of`` (``"K/N"``) marks a part of a sharded
+    job, whose inputs may all be rejected (the merge then decides).
 
     Raises:
         ConfigError: ``out_dir`` holds another job's outputs (without ``overwrite``).
         OutputError: another process works in ``out_dir``; it cannot be written.
-        InputError: no input at all could be predicted (names the first and its reason).
+        InputError: no input at all could be predicted (names the first and its reason), unless
+            ``part_of``.
     """
     out = ensure_output_dir(out_dir, *inputs_to_protect)
     with folder_lock(out, "predict"):
@@ -213,9 +218,11 @@ def predict_sources(
             claim_predict_job(out, job, overwrite)
         outputs = PredictOutputs(out, save_probs, tuple(stages))
         outputs.prepare()
+        for name in (PREDICTIONS_FILE, SUBMISSION_FILE):  # until this call has finished
+            (out / name).unlink(missing_ok=True)
         return _predict_into(
             predictor, sources, outputs, load, gate or predictor.gate, overwrite,
-            batch_size, workers, list(rejected), progress or (lambda n: None),
+            batch_size, workers, list(rejected), progress or (lambda n: None), part_of,
         )  # fmt: skip
 
 
@@ -230,6 +237,7 @@ def _predict_into(
     workers: int | None,
     rejected: list[tuple[str, str]],
     advance: ProgressFn,
+    part_of: str,
 ) -> PredictSummary:
     """The body of :func:`predict_sources`, run while holding the output folder's lock."""
     summary = PredictSummary(
@@ -263,10 +271,16 @@ def _predict_into(
     write_rejected(outputs.out / REJECTED_FILE, rejected)
     if not records and rejected:
         source, reason = rejected[0]
-        raise InputError(
-            f"no input could be predicted ({len(rejected)} rejected, reasons in "
-            f"{outputs.out / REJECTED_FILE}); the first: {source}: {reason}"
-        )
+        if not part_of:
+            raise InputError(
+                f"no input could be predicted ({len(rejected)} rejected, reasons in "
+                f"{outputs.out / REJECTED_FILE}); the first: {source}: {reason}"
+            )
+        summary.notes.append((
+            "warning",
+            f"part {part_of}: no input could be predicted ({len(rejected)} rejected, reasons "
+            f"in {outputs.out / REJECTED_FILE}); the first: {source}: {reason}",
+        ))  # fmt: skip
     ordered = [records[k] for k in sorted(records)]
     for extra in outputs.stages:
         summary.outputs.update(extra.finish(outputs.out, ordered))
@@ -426,9 +440,10 @@ def predict_inputs(
             inputs_to_protect=protect,
             rejected=rejected,
             stages=stages,
-            job=job_identity(predictor, gate, shard),
+            job=job_identity(predictor, gate, shard, save_probs),
             progress=advance,
+            part_of=f"{shard[0]}/{shard[1]}" if shard else "",
         )
     summary.shard = f"{shard[0]}/{shard[1]}" if shard else ""
-    summary.notes = list(predictor.notes)
+    summary.notes = list(predictor.notes) + summary.notes
     return summary

@@ -21,7 +21,8 @@ from typing import Any
 
 from pneumo_cli.core.errors import ConfigError, InputError, UsageError
 
-_PER_IMAGE_FOLDERS = ("masks", "probs", "records")
+# What predict writes per image: (folder, suffix after the ImageId).
+_PER_IMAGE_FILES = (("masks", ".png"), ("probs", ".png"), ("records", ".json"))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -177,12 +178,25 @@ def _merge_into(folders: list[Path], out: Path, job: dict[str, Any]) -> MergeSum
     records: dict[str, dict] = {}
     rejected: list[tuple[str, str]] = []
     for folder in folders:
-        for name in _PER_IMAGE_FOLDERS:
-            summary.files[name] = summary.files.get(name, 0) + _copy_files(folder, out, name)
-        for path in sorted((folder / "records").glob("*.json")):
-            record = json.loads(path.read_text(encoding="utf-8"))
-            records[record["ImageId"]] = record
+        # Only the images the part's last finished call listed: a folder may also hold
+        # files of images it no longer predicts (an earlier job, since removed inputs).
+        listed = _listed_images(folder)
+        for name, _ in _PER_IMAGE_FILES:
+            if (folder / name).is_dir():  # the folders a single run would have, even if empty
+                (out / name).mkdir(exist_ok=True)
+                summary.files.setdefault(name, 0)
+        for image_id in listed:
+            records[image_id] = _read_record(folder, image_id)
+            for name, suffix in _PER_IMAGE_FILES:
+                if _copy_file(folder / name / f"{image_id}{suffix}", out / name):
+                    summary.files[name] += 1
         rejected += _read_rejected(folder / REJECTED_FILE)
+    if not records and rejected:
+        source, reason = sorted(rejected)[0]
+        raise InputError(
+            f"no input of any part could be predicted ({len(rejected)} rejected, reasons in "
+            f"each part's {REJECTED_FILE}); the first: {source}: {reason}"
+        )
     write_rejected(out / REJECTED_FILE, rejected)
     write_predictions(out, [records[k] for k in sorted(records)])
     atomic_write_json(out / JOB_FILE, job)
@@ -192,20 +206,41 @@ def _merge_into(folders: list[Path], out: Path, job: dict[str, Any]) -> MergeSum
     return summary
 
 
-def _copy_files(part: Path, out: Path, name: str) -> int:
-    from pneumo_cli.core.files import TEMP_PREFIX
+def _listed_images(folder: Path) -> list[str]:
+    """The ImageIds in a part's ``predictions.csv``."""
+    import csv
 
-    source = part / name
-    if not source.is_dir():
-        return 0
-    target = out / name
-    target.mkdir(exist_ok=True)
-    copied = 0
-    for path in sorted(source.iterdir()):
-        if path.is_file() and not path.name.startswith((".", TEMP_PREFIX)):
-            shutil.copyfile(path, target / path.name)
-            copied += 1
-    return copied
+    from pneumo_cli.inference.outputs import PREDICTIONS_FILE
+
+    path = folder / PREDICTIONS_FILE
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [row["ImageId"] for row in csv.DictReader(handle, strict=True)]
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError) as exc:
+        raise InputError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}); predict that part again"
+        ) from None
+
+
+def _read_record(folder: Path, image_id: str) -> dict[str, Any]:
+    path = folder / "records" / f"{image_id}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{path} is missing or unreadable ({type(exc).__name__}); predict that part again"
+        ) from None
+    if not isinstance(record, dict) or record.get("ImageId") != image_id:
+        raise InputError(f"{path} is not the record of {image_id}; predict that part again")
+    return record
+
+
+def _copy_file(source: Path, folder: Path) -> bool:
+    """Copy ``source`` into ``folder`` if it exists."""
+    if not source.is_file():
+        return False
+    shutil.copyfile(source, folder / source.name)
+    return True
 
 
 def _read_rejected(path: Path) -> list[tuple[str, str]]:
