@@ -192,3 +192,14 @@ def test_saving_probability_maps_is_part_of_the_job(tiny_run, tmp_path: Path) ->
     assert second.exit_code == 0, second.output
     merged = invoke("merge-predictions", tmp_path / "p1", tmp_path / "p2", "--out", tmp_path / "m")
     assert merged.exit_code == 1 and "differ in save_probs" in merged.stderr, merged.output
+
+
+def test_rejected_names_that_are_not_utf8_sort_alike_in_a_run_and_a_merge(tmp_path: Path) -> None:
+    from pneumo_cli.inference.outputs import write_rejected
+
+    rows = [("caf\udce9.dcm", "not a DICOM"), ("cafz.dcm", "not a DICOM")]  # \udce9: byte 0xE9
+    write_rejected(tmp_path / "run.csv", rows)
+    again = shards._read_rejected(tmp_path / "run.csv")  # as a merge reads a part's file
+    assert again[0][0] == "caf\\udce9.dcm"
+    write_rejected(tmp_path / "merged.csv", again)
+    assert (tmp_path / "merged.csv").read_bytes() == (tmp_path / "run.csv").read_bytes()
