@@ -71,14 +71,14 @@ def write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["source", "reason"])
-    # Sorted as written: a name that is not UTF-8 is written escaped ("\udce9"), and a merge
-    # reads it back in that form, so both must sort alike.
-    writer.writerows(sorted(rejected, key=lambda row: [_as_written(v) for v in row]))
+    writer.writerows(sorted_rejected(rejected))
     atomic_write_text(path, buffer.getvalue())
 
 
-def _as_written(text: str) -> bytes:
-    return text.encode("utf-8", "backslashreplace")
+def sorted_rejected(rejected: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(source, reason) rows in the order ``rejected.csv`` lists them: sorted as written, since a
+    name that is not UTF-8 is written escaped ("\\udce9") and a merge reads it back that way."""
+    return sorted(rejected, key=lambda row: [v.encode("utf-8", "backslashreplace") for v in row])
 
 
 def write_predictions(out: Path, records: list[dict]) -> None:

@@ -271,16 +271,13 @@ def _predict_into(
     write_rejected(outputs.out / REJECTED_FILE, rejected)
     if not records and rejected:
         source, reason = rejected[0]
+        nothing = (
+            f"no input could be predicted ({len(rejected)} rejected, reasons in "
+            f"{outputs.out / REJECTED_FILE}); the first: {source}: {reason}"
+        )
         if not part_of:
-            raise InputError(
-                f"no input could be predicted ({len(rejected)} rejected, reasons in "
-                f"{outputs.out / REJECTED_FILE}); the first: {source}: {reason}"
-            )
-        summary.notes.append((
-            "warning",
-            f"part {part_of}: no input could be predicted ({len(rejected)} rejected, reasons "
-            f"in {outputs.out / REJECTED_FILE}); the first: {source}: {reason}",
-        ))  # fmt: skip
+            raise InputError(nothing)
+        summary.notes.append(("warning", f"part {part_of}: {nothing}"))
     ordered = [records[k] for k in sorted(records)]
     for extra in outputs.stages:
         summary.outputs.update(extra.finish(outputs.out, ordered))
@@ -426,6 +423,7 @@ def predict_inputs(
 
         ids = [image_id for image_id, _ in sources]
         stages.append(SegStage(algorithm_source(predictor), ids, overwrite=overwrite))
+    part = f"{shard[0]}/{shard[1]}" if shard else ""
     with stage(progress, "predicting", len(sources) + len(rejected)) as advance:
         summary = predict_sources(
             predictor,
@@ -442,8 +440,8 @@ def predict_inputs(
             stages=stages,
             job=job_identity(predictor, gate, shard, save_probs),
             progress=advance,
-            part_of=f"{shard[0]}/{shard[1]}" if shard else "",
+            part_of=part,
         )
-    summary.shard = f"{shard[0]}/{shard[1]}" if shard else ""
+    summary.shard = part
     summary.notes = list(predictor.notes) + summary.notes
     return summary

@@ -172,7 +172,12 @@ def merge_parts(
 def _merge_into(folders: list[Path], out: Path, job: dict[str, Any]) -> MergeSummary:
     from pneumo_cli.core.files import atomic_write_json
     from pneumo_cli.inference.jobs import JOB_FILE
-    from pneumo_cli.inference.outputs import REJECTED_FILE, write_predictions, write_rejected
+    from pneumo_cli.inference.outputs import (
+        REJECTED_FILE,
+        sorted_rejected,
+        write_predictions,
+        write_rejected,
+    )
 
     summary = MergeSummary(parts=len(folders))
     records: dict[str, dict] = {}
@@ -192,7 +197,7 @@ def _merge_into(folders: list[Path], out: Path, job: dict[str, Any]) -> MergeSum
                     summary.files[name] += 1
         rejected += _read_rejected(folder / REJECTED_FILE)
     if not records and rejected:
-        source, reason = sorted(rejected)[0]
+        source, reason = sorted_rejected(rejected)[0]
         raise InputError(
             f"no input of any part could be predicted ({len(rejected)} rejected, reasons in "
             f"each part's {REJECTED_FILE}); the first: {source}: {reason}"
